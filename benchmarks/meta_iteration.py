@@ -1,0 +1,111 @@
+"""Seconds per meta-iteration and peak memory of the MAML++ meta-step.
+
+    python benchmarks/meta_iteration.py                  # the four paper configurations
+    python benchmarks/meta_iteration.py --iterations=20 --variants=fold,loop
+
+Each configuration runs in its own subprocess, so its peak resident memory is
+its own. Random images stand in for Omniglot (28x28x1): the step's cost does
+not depend on the pixels. The reference figures are the paper's PyTorch
+implementation measured on the same 2-core machines (see README.md).
+"""
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
+flags.DEFINE_list("variants", ["fold"], "Task batching to measure: fold (grouped convolutions) "
+                  "and/or loop (one task at a time). Default fold.")
+flags.DEFINE_list("configs", None, "Names of the configurations to run. Default: all.")
+flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false.")
+flags.DEFINE_string("child", None, "Internal: run one measurement and print it as JSON.")
+
+# name: (way, shot, second order, reference seconds, reference peak GB)
+CONFIGS = {
+    "20-way 1-shot": (20, 1, True, 2.8, 2.5),
+    "20-way 5-shot": (20, 5, True, 10.8, 7.4),
+    "5-way 1-shot": (5, 1, True, 1.03, 1.0),
+    "5-way 1-shot first order": (5, 1, False, 0.55, 0.7),
+}
+BATCH_SIZE, INNER_STEPS, QUERY = 8, 5, 1
+
+
+def random_batch(way, shot, query, batch_size, image_shape=(28, 28, 1), seed=0):
+    """A meta-batch of random images with balanced labels, as the episode pipeline gives."""
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(seed)
+
+    def labels(per_class):
+        return tf.constant(np.tile(np.repeat(np.arange(way), per_class), (batch_size, 1)),
+                           tf.int32)
+
+    def images(per_class):
+        return tf.constant(rng.random((batch_size, way * per_class, *image_shape), np.float32))
+
+    return {"support_images": images(shot), "support_labels": labels(shot),
+            "target_images": images(query), "target_labels": labels(query)}
+
+
+def measure(name, variant, iterations, jit_compile):
+    """Times one configuration in this process; returns a dict of figures."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from tf_mamlpp.meta_learner import MetaLearner
+    from tf_mamlpp.network import MamlppNetwork
+
+    way, shot, second_order, _, _ = CONFIGS[name]
+    network = MamlppNetwork(way, (28, 28, 1), INNER_STEPS)
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-3), BATCH_SIZE,
+                          jit_compile=jit_compile, fold_tasks=variant == "fold")
+    batch = random_batch(way, shot, QUERY, BATCH_SIZE)
+    weights = tf.constant(np.full(INNER_STEPS, 1 / INNER_STEPS, np.float32))
+    started = time.monotonic()
+    float(learner.train_step(batch, weights, second_order, True)["loss"])
+    first_call = time.monotonic() - started
+    float(learner.train_step(batch, weights, second_order, True)["loss"])
+    times = []
+    for _ in range(iterations):
+        started = time.monotonic()
+        float(learner.train_step(batch, weights, second_order, True)["loss"])
+        times.append(time.monotonic() - started)
+    return {"seconds": float(np.median(times)), "first_call": first_call,
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def run_child(name, variant):
+    command = [sys.executable, __file__, f"--child={name}|{variant}",
+               f"--iterations={FLAGS.iterations}", f"--jit_compile={FLAGS.jit_compile}"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main(argv):
+    del argv
+    if FLAGS.child:
+        name, variant = FLAGS.child.split("|")
+        print(json.dumps(measure(name, variant, FLAGS.iterations, FLAGS.jit_compile)))
+        return
+    names = FLAGS.configs or list(CONFIGS)
+    print(f"batch {BATCH_SIZE} tasks, {INNER_STEPS} inner steps, query {QUERY}, "
+          f"median of {FLAGS.iterations} iterations, jit_compile={FLAGS.jit_compile}")
+    print(f"| configuration | variant | s/iter | reference s/iter | speed-up | peak GB "
+          f"| reference GB | first call s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in names:
+        for variant in FLAGS.variants:
+            figures = run_child(name, variant)
+            _, _, _, reference_seconds, reference_gb = CONFIGS[name]
+            print(f"| {name} | {variant} | {figures['seconds']:.3f} | {reference_seconds} "
+                  f"| {reference_seconds / figures['seconds']:.2f}x | {figures['peak_gb']:.2f} "
+                  f"| {reference_gb} | {figures['first_call']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,128 @@
+"""Command line of tf_mamlpp: meta-train MAML++ and test it.
+
+    python main.py --dataset=omniglot --way=20 --shot=5
+    python main.py --flagfile=experiments/omniglot_5way_1shot.flags
+    python main.py --mode=test --experiment=omniglot_5way_1shot_seed0
+
+Flags left unset take the paper's setting for the dataset (see
+tf_mamlpp/config.py); the resolved configuration is logged and saved with the run.
+"""
+
+import os
+import sys
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags, logging  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("mode", "train", ["train", "test"],
+                  "train: meta-train (resuming the run if it exists), then test. "
+                  "test: test the run's latest checkpoint. Default train.")
+flags.DEFINE_string("dataset", "omniglot", "Dataset name: omniglot. Default omniglot.")
+flags.DEFINE_string("data_dir", None, "Folder of the dataset's files. Default: the copy shipped "
+                    "in datasets/<dataset>; without it, Omniglot is fetched by tensorflow-datasets.")
+flags.DEFINE_enum("omniglot_split", "mamlpp", ["mamlpp", "lake"],
+                  "Class split: mamlpp (1150/50/423 of all 1623 characters, as the paper) or "
+                  "lake (background alphabets for training and validation, evaluation "
+                  "alphabets for test). Default mamlpp.")
+flags.DEFINE_integer("way", 5, "Classes per task (N). Default 5.")
+flags.DEFINE_integer("shot", 1, "Support images per class (K). Default 1.")
+flags.DEFINE_integer("query", None, "Target images per class. Default: 1 on Omniglot.")
+flags.DEFINE_integer("batch_size", None, "Tasks per meta-batch. Default: 8 on Omniglot.")
+flags.DEFINE_integer("filters", None, "Filters of each conv stage. Default: 64 on Omniglot.")
+flags.DEFINE_integer("inner_steps", 5, "Inner-loop steps in training. Default 5.")
+flags.DEFINE_integer("eval_inner_steps", None, "Inner-loop steps at validation and test; steps "
+                     "past --inner_steps reuse the last step's BN banks and rates. "
+                     "Default: --inner_steps.")
+flags.DEFINE_float("inner_lr", None, "Initial inner learning rate (every layer and step). "
+                   "Default: 0.1 on Omniglot.")
+flags.DEFINE_float("meta_lr", 1e-3, "Adam learning rate at the start. Default 1e-3.")
+flags.DEFINE_float("min_meta_lr", 1e-5, "Learning rate that cosine annealing ends at. "
+                   "Default 1e-5.")
+flags.DEFINE_integer("epochs", 100, "Training epochs. Default 100.")
+flags.DEFINE_integer("iters_per_epoch", 500, "Meta-iterations per epoch. Default 500.")
+flags.DEFINE_bool("msl", True, "MSL: multi-step loss, annealed over --msl_epochs. Default true.")
+flags.DEFINE_integer("msl_epochs", 10, "Epochs after which only the last step's loss counts. "
+                     "Default 10.")
+flags.DEFINE_bool("da", True, "DA: derivative-order annealing, first order for "
+                  "--first_order_epochs epochs. Default true.")
+flags.DEFINE_integer("first_order_epochs", 50, "Epochs of first-order training under DA. "
+                     "Default 50.")
+flags.DEFINE_bool("second_order", True, "Use second-order meta-gradients (after the DA epochs); "
+                  "false trains first order throughout. Default true.")
+flags.DEFINE_bool("bnrs", True, "BNRS: per-step batch-norm running statistics. Default true.")
+flags.DEFINE_bool("bnwb", True, "BNWB: per-step batch-norm weights and biases. Default true.")
+flags.DEFINE_bool("lslr", True, "LSLR: learned per-layer, per-step inner learning rates. "
+                  "Default true.")
+flags.DEFINE_bool("ca", True, "CA: cosine annealing of the meta learning rate. Default true.")
+flags.DEFINE_enum("bn_eval", None, ["running", "transductive"],
+                  "Batch-norm statistics at validation and test: running (per-step running "
+                  "banks, the paper's BNRS) or transductive (the task's own batch, as the "
+                  "reference code). Default transductive.")
+flags.DEFINE_integer("val_tasks", 600, "Fixed validation tasks. Default 600.")
+flags.DEFINE_integer("test_tasks", 600, "Fixed test tasks. Default 600.")
+flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the task streams. Default 0.")
+flags.DEFINE_string("logdir", "runs", "Parent folder of the runs. Default runs.")
+flags.DEFINE_string("experiment", None, "Run directory name under --logdir. Default: "
+                    "<dataset>_<way>way_<shot>shot_seed<seed>.")
+flags.DEFINE_bool("fresh", False, "Start a new run in a new directory even if one exists "
+                  "(the old one is kept). Default false: continue the existing run.")
+flags.DEFINE_bool("run_eagerly", False, "Run the steps eagerly, for debugging. Default false.")
+flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false "
+                  "(slower on CPU; see benchmarks/README.md).")
+flags.DEFINE_bool("fold_tasks", False, "Run a meta-batch's tasks together as grouped "
+                  "convolutions instead of one after another. Default false (slower on CPU; "
+                  "see benchmarks/README.md).")
+
+CONFIG_FLAGS = ("data_dir", "omniglot_split", "way", "shot", "query", "batch_size", "filters",
+                "inner_steps", "eval_inner_steps", "inner_lr", "meta_lr", "min_meta_lr",
+                "epochs", "iters_per_epoch", "msl", "msl_epochs", "da", "first_order_epochs",
+                "second_order", "bnrs", "bnwb", "lslr", "ca", "bn_eval", "val_tasks",
+                "test_tasks", "seed")
+
+
+def resolved_config():
+    from tf_mamlpp import config
+    return config.resolve(FLAGS.dataset, **{name: FLAGS[name].value for name in CONFIG_FLAGS})
+
+
+def run():
+    import tensorflow as tf
+    from tf_mamlpp import run_directory
+    from tf_mamlpp.trainer import Trainer
+
+    tf.config.run_functions_eagerly(FLAGS.run_eagerly)
+    config = resolved_config()
+    name = FLAGS.experiment or run_directory.experiment_name(config)
+    run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh)
+    logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())
+    trainer = Trainer(config, run_dir, jit_compile=FLAGS.jit_compile,
+                      fold_tasks=FLAGS.fold_tasks)
+    if FLAGS.mode == "test":
+        if not trainer.run_dir.restore_latest(trainer.checkpoint):
+            raise ValueError(f"--mode=test: {run_dir.path} has no checkpoint to test")
+        results = trainer.test()
+    else:
+        results = trainer.train()
+    print(f"test accuracy {100 * results['test_accuracy']:.2f}% "
+          f"± {100 * results['test_interval']:.2f} over {results['test_tasks']} tasks "
+          f"({run_dir.path / 'results.json'})")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        run()
+    except (ValueError, OSError) as error:
+        if FLAGS.verbosity >= 1:
+            traceback.print_exc()
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,91 @@
+"""Shared fixtures: random few-shot task batches and adaptation done by hand.
+
+The network's fused batch norm runs in float32 only (FusedBatchNormV3 has no
+float64 kernel, and grouped-convolution gradients have none on CPU), so the
+gradient checks run in float32 with tolerances to match.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_mamlpp.per_step_batch_norm import BATCH
+
+
+@pytest.fixture
+def make_tasks():
+    """Factory of a task batch as the meta-learner takes it.
+
+    make_tasks(num_tasks, way, shot, query, image_shape, seed=0) returns a dict
+    with support_images (tasks, way*shot, *image_shape) float32,
+    support_labels (tasks, way*shot) int32, and target_images, target_labels
+    likewise with `query` images per class. Images are uniform in [0, 1) plus
+    a per-class offset, so the classes differ.
+    """
+
+    def make(num_tasks, way, shot, query, image_shape, seed=0):
+        rng = np.random.default_rng(seed)
+
+        def split(per_class):
+            labels = np.tile(np.arange(way, dtype=np.int32), (num_tasks, per_class))
+            images = rng.random((num_tasks, way * per_class, *image_shape))
+            images += 0.5 * labels[..., None, None, None] / way
+            return tf.constant(images, tf.float32), tf.constant(labels)
+
+        support_images, support_labels = split(shot)
+        target_images, target_labels = split(query)
+        return {"support_images": support_images, "support_labels": support_labels,
+                "target_images": target_images, "target_labels": target_labels}
+
+    return make
+
+
+def mean_cross_entropy(labels, logits):
+    return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+
+
+@pytest.fixture
+def adapt_by_hand():
+    """Plain gradient descent on one task, written out here and not in the package.
+
+    adapt_by_hand(network, tasks, task, num_steps, bn_mode=BATCH) adapts task
+    `task` of the batch with fresh tapes, so nothing it returns is connected
+    to the meta-parameters. Step k uses the rates and batch-norm banks of step
+    min(k, trained steps - 1), the documented rule for evaluating with more
+    steps than were trained. Returns a dict with
+      weights: name -> (1, ...) tensor after each step (list, num_steps + 1),
+      gradients: name -> (1, ...) support-loss gradient at each step (list),
+      rates: name -> Python float used at each step (list),
+      statistics: per step, the support pass's per-stage (mean, variance),
+      logits: (1, way*query, way) target logits after the last step,
+      target_loss: their mean cross-entropy.
+    """
+
+    def adapt(network, tasks, task, num_steps, bn_mode=BATCH):
+        one = {key: value[task:task + 1] for key, value in tasks.items()}
+        weights = {name: tf.constant(variable.numpy()[None])
+                   for name, variable in network.fast_variables.items()}
+        record = {"weights": [weights], "gradients": [], "rates": [], "statistics": []}
+        for step in range(num_steps):
+            bank = min(step, network.num_steps - 1)
+            with tf.GradientTape() as tape:
+                tape.watch(weights)
+                logits, statistics = network.forward(one["support_images"], weights, bank, bn_mode)
+                loss = mean_cross_entropy(one["support_labels"][0], logits[0])
+            gradients = tape.gradient(loss, weights)
+            rates = {name: float(network.inner_rates[name.split("/")[0]].numpy()[bank])
+                     for name in weights}
+            weights = {name: tf.constant(weights[name] - rates[name] * gradients[name])
+                       for name in weights}
+            record["weights"].append(weights)
+            record["gradients"].append(gradients)
+            record["rates"].append(rates)
+            record["statistics"].append(statistics)
+        logits, _ = network.forward(one["target_images"], weights, min(num_steps - 1,
+                                                                      network.num_steps - 1),
+                                    bn_mode)
+        record["logits"] = logits
+        record["target_loss"] = mean_cross_entropy(one["target_labels"][0], logits[0])
+        return record
+
+    return adapt

@@ -1,0 +1,270 @@
+"""Specification of tf_mamlpp.per_step_batch_norm (MAML++ BNRS and BNWB).
+
+Step i normalises with bank i of the affine weights (BATCH mode) or of the
+running statistics too (RUNNING mode), and a running update moves each row
+towards that step's statistics only. Expected values are computed in NumPy.
+"""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING, PerStepBatchNorm
+
+STEPS, CHANNELS, EPSILON = 3, 4, 1e-3
+
+
+def build_layer(per_step_statistics=True, per_step_affine=True, num_steps=STEPS, **kwargs):
+    """A built layer whose banks hold a different value in every row."""
+    layer = PerStepBatchNorm(num_steps, per_step_statistics, per_step_affine,
+                             epsilon=EPSILON, **kwargs)
+    layer.build((None, 5, 5, CHANNELS))
+    rng = np.random.default_rng(1)
+    for variable, low, high in ((layer.gamma, 0.5, 2.0), (layer.beta, -1.0, 1.0),
+                                (layer.moving_mean, -1.0, 1.0),
+                                (layer.moving_variance, 0.5, 3.0)):
+        variable.assign(rng.uniform(low, high, variable.shape).astype(np.float32))
+    return layer
+
+
+def activations(seed=0, channels=CHANNELS):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(6, 5, 5, channels)) * 3 + 2).astype(np.float32)
+
+
+def normalise(x, mean, variance, gamma, beta):
+    return (x - mean) / np.sqrt(variance + EPSILON) * gamma + beta
+
+
+def batch_moments(x):
+    """Per-channel mean and biased variance, which BATCH mode normalises with."""
+    x = x.astype(np.float64)
+    return x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
+
+
+def unbiased(variance, x):
+    """The unbiased variance that BATCH mode reports for the running banks."""
+    n = x.shape[0] * x.shape[1] * x.shape[2]
+    return variance * n / (n - 1)
+
+
+def variable_values(layer):
+    return {v.path: v.numpy().copy() for v in layer.variables}
+
+
+def test_banks_have_a_leading_step_axis():
+    layer = build_layer()
+    for variable in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance):
+        assert tuple(variable.shape) == (STEPS, CHANNELS)
+    assert {v.path.split("/")[-1] for v in layer.trainable_variables} == {"gamma", "beta"}
+    assert {v.path.split("/")[-1] for v in layer.non_trainable_variables} == {
+        "moving_mean", "moving_variance"}
+
+
+@pytest.mark.parametrize("step", range(STEPS))
+def test_batch_mode_normalises_with_batch_statistics_and_the_steps_affine_bank(step):
+    layer, x = build_layer(), activations()
+    before = variable_values(layer)
+    outputs, mean, variance = layer(x, step=step, mode=BATCH)
+    batch_mean, batch_variance = batch_moments(x)
+    expected = normalise(x, batch_mean, batch_variance,
+                         layer.gamma.numpy()[step], layer.beta.numpy()[step])
+    np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mean.numpy(), batch_mean[None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(variance.numpy(), unbiased(batch_variance, x)[None], rtol=1e-5)
+    # The call changes no variable; the caller folds the statistics in.
+    after = variable_values(layer)
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+
+
+@pytest.mark.parametrize("step", range(STEPS))
+def test_running_mode_normalises_with_the_steps_running_bank(step):
+    layer, x = build_layer(), activations()
+    before = variable_values(layer)
+    outputs, mean, variance = layer(x, step=step, mode=RUNNING)
+    bank_mean, bank_variance = layer.moving_mean.numpy()[step], layer.moving_variance.numpy()[step]
+    expected = normalise(x, bank_mean, bank_variance,
+                         layer.gamma.numpy()[step], layer.beta.numpy()[step])
+    np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-4, atol=1e-4)
+    # It reports the statistics it used, and changes no variable.
+    np.testing.assert_array_equal(mean.numpy(), bank_mean[None])
+    np.testing.assert_array_equal(variance.numpy(), bank_variance[None])
+    after = variable_values(layer)
+    assert all(np.array_equal(before[name], after[name]) for name in before)
+
+
+def test_steps_past_the_last_reuse_the_last_bank():
+    layer, x = build_layer(), activations()
+    last = STEPS - 1
+    for mode in (BATCH, RUNNING):
+        expected = layer(x, step=last, mode=mode)[0].numpy()
+        for step in (STEPS, STEPS + 4):
+            np.testing.assert_array_equal(layer(x, step=step, mode=mode)[0].numpy(), expected)
+    # ... and that bank is the last row, not the first.
+    batch_mean, batch_variance = batch_moments(x)
+    expected = normalise(x, batch_mean, batch_variance,
+                         layer.gamma.numpy()[last], layer.beta.numpy()[last])
+    np.testing.assert_allclose(layer(x, step=STEPS + 4)[0].numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_negative_step_raises():
+    layer = build_layer()
+    with pytest.raises(ValueError, match="non-negative"):
+        layer(activations(), step=-1)
+
+
+def test_unknown_mode_raises():
+    with pytest.raises(ValueError, match="mode"):
+        build_layer()(activations(), step=0, mode="train")
+
+
+@pytest.mark.parametrize("per_step_statistics, per_step_affine",
+                         [(False, True), (True, False), (False, False)])
+def test_switched_off_banks_are_one_row_shared_by_every_step(per_step_statistics, per_step_affine):
+    layer, x = build_layer(per_step_statistics, per_step_affine), activations()
+    affine_rows = STEPS if per_step_affine else 1
+    stat_rows = STEPS if per_step_statistics else 1
+    assert tuple(layer.gamma.shape) == tuple(layer.beta.shape) == (affine_rows, CHANNELS)
+    assert tuple(layer.moving_mean.shape) == (stat_rows, CHANNELS)
+    assert tuple(layer.moving_variance.shape) == (stat_rows, CHANNELS)
+    step = 2
+    outputs = layer(x, step=step, mode=RUNNING)[0].numpy()
+    affine_row = step if per_step_affine else 0
+    stat_row = step if per_step_statistics else 0
+    expected = normalise(
+        x, layer.moving_mean.numpy()[stat_row], layer.moving_variance.numpy()[stat_row],
+        layer.gamma.numpy()[affine_row], layer.beta.numpy()[affine_row])
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_running_update_is_the_closed_form_row_by_row():
+    layer = build_layer(momentum=0.25)
+    old_mean, old_variance = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    rng = np.random.default_rng(2)
+    new_mean = rng.normal(size=(STEPS, CHANNELS)).astype(np.float32)
+    new_variance = rng.uniform(0.1, 2.0, (STEPS, CHANNELS)).astype(np.float32)
+    layer.update_running_statistics(new_mean, new_variance)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.75 * old_mean + 0.25 * new_mean,
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               0.75 * old_variance + 0.25 * new_variance, rtol=1e-6)
+
+
+def test_running_update_of_one_step_leaves_the_other_rows_unchanged():
+    layer = build_layer()
+    old_mean, old_variance = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    # New statistics equal to the banks everywhere except at step 1.
+    new_mean, new_variance = old_mean.copy(), old_variance.copy()
+    new_mean[1] += 5.0
+    new_variance[1] += 2.0
+    layer.update_running_statistics(new_mean, new_variance)
+    mean, variance = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    np.testing.assert_allclose(mean[[0, 2]], old_mean[[0, 2]], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(variance[[0, 2]], old_variance[[0, 2]], rtol=1e-6)
+    np.testing.assert_allclose(mean[1], old_mean[1] + 0.1 * 5.0, rtol=1e-5)
+    np.testing.assert_allclose(variance[1], old_variance[1] + 0.1 * 2.0, rtol=1e-5)
+
+
+def test_shared_running_bank_moves_towards_the_mean_over_steps():
+    layer = build_layer(per_step_statistics=False)
+    old_mean, old_variance = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    rng = np.random.default_rng(3)
+    new_mean = rng.normal(size=(STEPS, CHANNELS)).astype(np.float32)
+    new_variance = rng.uniform(0.1, 2.0, (STEPS, CHANNELS)).astype(np.float32)
+    layer.update_running_statistics(new_mean, new_variance)
+    np.testing.assert_allclose(layer.moving_mean.numpy(),
+                               0.9 * old_mean + 0.1 * new_mean.mean(axis=0, keepdims=True),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               0.9 * old_variance + 0.1 * new_variance.mean(axis=0, keepdims=True),
+                               rtol=1e-5)
+
+
+def stock_batch_norm(layer):
+    """keras.layers.BatchNormalization with the one-step layer's weights and banks."""
+    stock = keras.layers.BatchNormalization(epsilon=layer.epsilon, momentum=1 - layer.momentum)
+    stock.build((None, 5, 5, CHANNELS))
+    stock.gamma.assign(layer.gamma.numpy()[0])
+    stock.beta.assign(layer.beta.numpy()[0])
+    stock.moving_mean.assign(layer.moving_mean.numpy()[0])
+    stock.moving_variance.assign(layer.moving_variance.numpy()[0])
+    return stock
+
+
+def test_one_step_batch_mode_equals_keras_batch_normalization_in_training():
+    layer, x = build_layer(num_steps=1), activations(seed=4)
+    stock = stock_batch_norm(layer)
+    assert not np.allclose(layer.gamma.numpy(), 1) and not np.allclose(layer.beta.numpy(), 0)
+    outputs, mean, variance = layer(x, step=0, mode=BATCH)
+    expected = stock(x, training=True)
+    np.testing.assert_allclose(outputs.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    # Folding the step's statistics in moves the mean bank as far as the stock
+    # layer moved its own. The variance bank takes the unbiased variance (as
+    # torch.nn.functional.batch_norm does in the reference implementation),
+    # where Keras takes the biased one.
+    old_variance = layer.moving_variance.numpy()[0]
+    layer.update_running_statistics(mean, variance)
+    np.testing.assert_allclose(layer.moving_mean.numpy()[0], stock.moving_mean.numpy(),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy()[0],
+        0.9 * old_variance + 0.1 * unbiased(batch_moments(x)[1], x), rtol=1e-5)
+
+
+def test_one_step_running_mode_equals_keras_batch_normalization_in_inference():
+    layer, x = build_layer(num_steps=1), activations(seed=5)
+    stock = stock_batch_norm(layer)
+    np.testing.assert_allclose(layer(x, step=0, mode=RUNNING)[0].numpy(),
+                               stock(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_tasks_folded_into_channels_are_normalised_each_on_its_own():
+    layer = build_layer()
+    first, second = activations(seed=6), activations(seed=7) * 0.2 - 3
+    folded = np.concatenate([first, second], axis=-1)  # task-major channels
+    outputs, mean, variance = layer(folded, step=1, mode=BATCH)
+    gamma, beta = layer.gamma.numpy()[1], layer.beta.numpy()[1]
+    for task, x in enumerate((first, second)):
+        task_mean, task_variance = batch_moments(x)
+        expected = normalise(x, task_mean, task_variance, gamma, beta)
+        channels = slice(task * CHANNELS, (task + 1) * CHANNELS)
+        np.testing.assert_allclose(outputs.numpy()[..., channels], expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(mean.numpy()[task], task_mean, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(variance.numpy()[task], unbiased(task_variance, x), rtol=1e-5)
+    outputs = layer(folded, step=1, mode=RUNNING)[0].numpy()
+    for task, x in enumerate((first, second)):
+        expected = normalise(x, layer.moving_mean.numpy()[1], layer.moving_variance.numpy()[1],
+                             gamma, beta)
+        channels = slice(task * CHANNELS, (task + 1) * CHANNELS)
+        np.testing.assert_allclose(outputs[..., channels], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_config_round_trip():
+    layer = PerStepBatchNorm(4, per_step_statistics=False, per_step_affine=True,
+                             momentum=0.3, epsilon=1e-4, name="norm7")
+    clone = PerStepBatchNorm.from_config(layer.get_config())
+    assert (clone.num_steps, clone.per_step_statistics, clone.per_step_affine) == (4, False, True)
+    assert (clone.momentum, clone.epsilon, clone.name) == (0.3, 1e-4, "norm7")
+
+
+def test_fewer_than_one_step_raises():
+    with pytest.raises(ValueError, match="num_steps"):
+        PerStepBatchNorm(0)
+
+
+def test_keras_layer_harness():
+    """Keras's own layer checks: serialisation, symbolic and eager calls, weight counts."""
+    from keras.src.testing import TestCase
+
+    class Harness(TestCase):
+        def runTest(self):
+            pass
+
+    Harness().run_layer_test(
+        PerStepBatchNorm, {"num_steps": 3, "per_step_statistics": False},
+        input_shape=(2, 4, 4, 3), call_kwargs={"step": 1},
+        expected_output_shape=((2, 4, 4, 3), (1, 3), (1, 3)),
+        expected_num_trainable_weights=2, expected_num_non_trainable_weights=2,
+        custom_objects={"PerStepBatchNorm": PerStepBatchNorm},
+        run_training_check=False, run_mixed_precision_check=False)

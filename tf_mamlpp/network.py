@@ -1,0 +1,188 @@
+"""The MAML++ learner network: four conv stages and a linear head.
+
+Each stage is 3x3 convolution, per-step batch norm, ReLU and 2x2 max-pool
+(Antoniou et al., 2019, section 5; the VGG-style network of Finn et al., 2017).
+The model owns every meta-parameter: the conv and head weights that the inner
+loop adapts, the per-step batch-norm banks, and the learned per-layer,
+per-step inner learning rates (LSLR). Its forward pass is a function of
+explicit fast weights, so the same model runs with its own variables or with
+adapted ones, and evaluating it changes no variable.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_mamlpp.per_step_batch_norm import BATCH, PerStepBatchNorm
+
+
+class MamlppNetwork(keras.Model):
+    """Meta-parameters and the functional forward pass of the learner.
+
+    Args:
+      way: number of classes per task, the head's width.
+      image_shape: (height, width, channels) of the input images.
+      num_steps: inner steps; sets the length of the per-step banks.
+      filters: channels of every conv stage.
+      num_stages: conv stages; each halves the spatial size.
+      per_step_bn_statistics: BNRS switch.
+      per_step_bn_affine: BNWB switch.
+      learn_inner_rates: LSLR switch; when False the rates stay at `inner_lr`.
+      inner_lr: initial value of every inner learning rate.
+      bn_momentum: weight of new statistics in a running-bank update.
+    """
+
+    def __init__(self, way, image_shape, num_steps, filters=64, num_stages=4,
+                 per_step_bn_statistics=True, per_step_bn_affine=True,
+                 learn_inner_rates=True, inner_lr=0.1, bn_momentum=0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.way = way
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.num_steps = num_steps
+        self.filters = filters
+        self.num_stages = num_stages
+        self.per_step_bn_statistics = per_step_bn_statistics
+        self.per_step_bn_affine = per_step_bn_affine
+        self.learn_inner_rates = learn_inner_rates
+        self.inner_lr = inner_lr
+        self.bn_momentum = bn_momentum
+        self.feature_size = self._feature_size()
+        self.layer_names = [f"conv{i}" for i in range(num_stages)] + ["head"]
+        self._create_weights()
+        self.built = True
+
+    def _feature_size(self):
+        height, width, _ = self.image_shape
+        for stage in range(self.num_stages):
+            height, width = height // 2, width // 2
+            if height < 1 or width < 1:
+                raise ValueError(
+                    f"--image_size {self.image_shape[0]}x{self.image_shape[1]} cannot be pooled "
+                    f"{self.num_stages} times; it reaches zero at stage {stage + 1}")
+        return height * width * self.filters
+
+    def _create_weights(self):
+        in_channels = self.image_shape[-1]
+        self.fast_variables = {}
+        self.norms = []
+        size = self.image_shape[:2]
+        for i in range(self.num_stages):
+            self.fast_variables[f"conv{i}/kernel"] = self.add_weight(
+                name=f"conv{i}_kernel", shape=(3, 3, in_channels, self.filters),
+                initializer="glorot_uniform")
+            norm = PerStepBatchNorm(
+                self.num_steps, self.per_step_bn_statistics, self.per_step_bn_affine,
+                momentum=self.bn_momentum, name=f"norm{i}")
+            norm.build((None, *size, self.filters))
+            self.norms.append(norm)
+            in_channels = self.filters
+            size = (size[0] // 2, size[1] // 2)
+        self.fast_variables["head/kernel"] = self.add_weight(
+            name="head_kernel", shape=(self.feature_size, self.way), initializer="glorot_uniform")
+        self.fast_variables["head/bias"] = self.add_weight(
+            name="head_bias", shape=(self.way,), initializer="zeros")
+        # LSLR: one rate per layer and inner step, free to change sign.
+        self.inner_rates = {
+            layer: self.add_weight(
+                name=f"{layer}_inner_rate", shape=(self.num_steps,),
+                initializer=keras.initializers.Constant(self.inner_lr),
+                trainable=self.learn_inner_rates)
+            for layer in self.layer_names}
+
+    def initial_fast_weights(self, num_tasks=1):
+        """The meta-learned initialisation, one copy per task.
+
+        Returns:
+          dict name -> tensor of shape (num_tasks, *variable shape); the
+          copies' gradients sum into the variables' under an outer tape.
+        """
+        return {name: tf.tile(var[tf.newaxis], [num_tasks] + [1] * len(var.shape))
+                for name, var in self.fast_variables.items()}
+
+    def inner_rate(self, weight_name, step):
+        """The learning rate for `weight_name` at inner step `step` (a Python int).
+
+        Steps past the trained number reuse the last step's rate.
+        """
+        if step < 0:
+            raise ValueError(f"inner step must be non-negative, got {step}")
+        layer = weight_name.split("/")[0]
+        return self.inner_rates[layer][min(step, self.num_steps - 1)]
+
+    def embed(self, images, fast_weights, step, bn_mode=BATCH):
+        """Features before the head, for a batch of tasks at once.
+
+        The tasks are folded into the channel axis and every convolution is a
+        grouped convolution with one group per task: one op serves the whole
+        meta-batch with each task's own weights, with no loop over tasks.
+
+        Args:
+          images: (tasks, batch, height, width, channels) float32 in [0, 1].
+          fast_weights: dict from `initial_fast_weights` or the inner loop,
+            each with a leading tasks axis.
+          step: Python int, the inner step whose batch-norm banks are used.
+          bn_mode: BATCH or RUNNING statistics.
+
+        Returns:
+          (features, statistics): (tasks, batch, feature_size) features, and
+          one (mean, variance) pair of (tasks, filters) batch statistics per stage.
+        """
+        x = fold_tasks(images)  # (batch, height, width, tasks*channels)
+        statistics = []
+        for i, norm in enumerate(self.norms):
+            # No conv bias: batch norm subtracts the mean, so its gradient is zero.
+            x = tf.nn.conv2d(x, grouped_kernel(fast_weights[f"conv{i}/kernel"]), 1, "SAME")
+            x, mean, variance = norm(x, step=step, mode=bn_mode)
+            statistics.append((mean, variance))
+            x = tf.nn.max_pool2d(tf.nn.relu(x), 2, 2, "VALID")
+        features = unfold_tasks(x, self.filters)  # (tasks, batch, h, w, filters)
+        return tf.reshape(features, (tf.shape(features)[0], -1, self.feature_size)), statistics
+
+    def forward(self, images, fast_weights, step, bn_mode=BATCH):
+        """Logits of a batch of tasks under `fast_weights`; see `embed`.
+
+        Returns:
+          (logits, statistics): (tasks, batch, way) logits and the per-stage
+          batch statistics.
+        """
+        features, statistics = self.embed(images, fast_weights, step, bn_mode)
+        logits = tf.matmul(features, fast_weights["head/kernel"])
+        return logits + fast_weights["head/bias"][:, tf.newaxis, :], statistics
+
+    def call(self, images):
+        """Logits of (batch, h, w, c) images under the initialisation, before adaptation."""
+        return self.forward(images[tf.newaxis], self.initial_fast_weights(), 0)[0][0]
+
+    def update_running_statistics(self, per_stage_means, per_stage_variances):
+        """Folds (stages, steps, filters) batch statistics into the BN banks."""
+        for norm, means, variances in zip(self.norms, per_stage_means, per_stage_variances):
+            norm.update_running_statistics(means, variances)
+
+    def get_config(self):
+        return {"way": self.way, "image_shape": self.image_shape, "num_steps": self.num_steps,
+                "filters": self.filters, "num_stages": self.num_stages,
+                "per_step_bn_statistics": self.per_step_bn_statistics,
+                "per_step_bn_affine": self.per_step_bn_affine,
+                "learn_inner_rates": self.learn_inner_rates, "inner_lr": self.inner_lr,
+                "bn_momentum": self.bn_momentum}
+
+
+def fold_tasks(images):
+    """(tasks, batch, h, w, c) -> (batch, h, w, tasks*c), task-major channels."""
+    tasks, channels = tf.shape(images)[0], images.shape[-1]
+    folded = tf.transpose(images, [1, 2, 3, 0, 4])
+    shape = tf.shape(folded)
+    return tf.reshape(folded, tf.concat([shape[:3], [tasks * channels]], 0))
+
+
+def unfold_tasks(x, channels):
+    """(batch, h, w, tasks*channels) -> (tasks, batch, h, w, channels)."""
+    shape = tf.shape(x)
+    x = tf.reshape(x, tf.concat([shape[:3], [-1, channels]], 0))
+    return tf.transpose(x, [3, 0, 1, 2, 4])
+
+
+def grouped_kernel(kernels):
+    """(tasks, kh, kw, in, out) -> (kh, kw, in, tasks*out): one conv group per task."""
+    shape = tf.shape(kernels)
+    grouped = tf.transpose(kernels, [1, 2, 3, 0, 4])
+    return tf.reshape(grouped, tf.concat([shape[1:4], [-1]], 0))

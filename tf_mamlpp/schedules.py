@@ -1,0 +1,63 @@
+"""Epoch-indexed schedules of MAML++: MSL weights, derivative order, meta-lr.
+
+These are plain functions of the epoch so the trainer can compute them in
+Python once per epoch and hand the result to the compiled meta-step as an
+argument; the meta-step then needs no retrace when they change.
+"""
+
+import numpy as np
+import keras
+
+
+def msl_weights(epoch, num_steps, msl_epochs):
+    """Per-step weights of the multi-step loss (MSL) at `epoch`.
+
+    Antoniou et al. (2019), section 4: the weights start uniform at 1/S; each
+    epoch every non-final weight falls by 1/(S * msl_epochs), down to a floor
+    of 0.03/S, and the final weight rises by what they lose, capped so the
+    weights sum to one. This is the reference implementation's schedule.
+
+    Args:
+      epoch: the current epoch, from 0.
+      num_steps: S, the inner steps.
+      msl_epochs: epochs over which the weights are annealed.
+
+    Returns:
+      float32 array (num_steps,) that sums to one.
+    """
+    weights = np.full(num_steps, 1.0 / num_steps)
+    decay = epoch / (num_steps * msl_epochs)
+    floor = 0.03 / num_steps
+    weights[:-1] = np.maximum(weights[:-1] - decay, floor)
+    weights[-1] = min(weights[-1] + (num_steps - 1) * decay, 1.0 - (num_steps - 1) * floor)
+    return weights.astype(np.float32)
+
+
+def multi_step_loss_active(use_msl, epoch, msl_epochs):
+    """Whether the outer loss sums all steps (True) or uses the last one only."""
+    return use_msl and epoch < msl_epochs
+
+
+def second_order_active(second_order, use_da, epoch, first_order_epochs):
+    """Derivative order in force at `epoch` (DA: first order for the first epochs).
+
+    Args:
+      second_order: whether second order is wanted at all; False gives
+        first-order MAML throughout.
+      use_da: derivative-order annealing; False means second order (when
+        wanted) from the first epoch.
+      epoch: the current epoch, from 0.
+      first_order_epochs: epochs trained first order under DA.
+    """
+    if not second_order:
+        return False
+    return not use_da or epoch >= first_order_epochs
+
+
+def meta_learning_rate(meta_lr, min_meta_lr, total_iterations, cosine_annealing):
+    """The Adam learning rate: cosine-annealed (CA) from meta_lr to min_meta_lr, or constant."""
+    if not cosine_annealing:
+        return meta_lr
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=meta_lr, decay_steps=total_iterations,
+        alpha=min_meta_lr / meta_lr)

@@ -1,0 +1,187 @@
+"""Meta-training from a configuration to a tested model, epoch by epoch.
+
+Reads top to bottom: set-up, data, model and optimizer, checkpoint restore,
+the loop (meta-updates, then validation and a checkpoint each epoch), and
+the final test.
+"""
+
+import math
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from tf_mamlpp import data, evaluation, run_directory, schedules
+from tf_mamlpp.meta_learner import MetaLearner
+from tf_mamlpp.network import MamlppNetwork
+from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING
+from tf_mamlpp.progress import Progress
+
+BN_EVAL_MODES = {"transductive": BATCH, "running": RUNNING}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or meta-gradient became NaN or infinite."""
+
+
+def build_network(config):
+    """The `MamlppNetwork` that `config` describes."""
+    return MamlppNetwork(
+        way=config.way, image_shape=(config.image_size, config.image_size, config.channels),
+        num_steps=config.inner_steps, filters=config.filters, num_stages=config.num_stages,
+        per_step_bn_statistics=config.bnrs, per_step_bn_affine=config.bnwb,
+        learn_inner_rates=config.lslr, inner_lr=config.inner_lr)
+
+
+def build_optimizer(config):
+    """Adam with the cosine-annealed (CA) or constant meta-learning rate."""
+    return keras.optimizers.Adam(schedules.meta_learning_rate(
+        config.meta_lr, config.min_meta_lr, config.total_iterations, config.ca))
+
+
+class Trainer:
+    """Owns one run: its directory, data, model, optimizer and checkpoints.
+
+    Args:
+      config: the resolved `ExperimentConfig`.
+      run_dir: a `run_directory.RunDirectory`.
+      jit_compile: compile the meta-step with XLA.
+      fold_tasks: run a meta-batch's tasks together as grouped convolutions.
+    """
+
+    def __init__(self, config, run_dir, jit_compile=False, fold_tasks=False):
+        self.config = config
+        self.run_dir = run_dir
+        keras.utils.set_random_seed(config.seed)
+        self.splits = data.load_splits(config)
+        self.network = build_network(config)
+        self.optimizer = build_optimizer(config)
+        self.meta_learner = MetaLearner(
+            self.network, self.optimizer, config.batch_size, jit_compile=jit_compile,
+            fold_tasks=fold_tasks)
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+        self.checkpoint = tf.train.Checkpoint(
+            network=self.network, optimizer=self.optimizer, epoch=self.epoch)
+        self.writer = tf.summary.create_file_writer(str(run_dir.path))
+
+    def train(self):
+        """Meta-trains from the last checkpoint to the last epoch, then tests."""
+        config = self.config
+        start_epoch = self.run_dir.restore_latest(self.checkpoint)
+        history = self.run_dir.read_history(start_epoch)
+        if start_epoch:
+            logging.info("Resuming at epoch %d of %d.", start_epoch + 1, config.epochs)
+        tasks = iter(data.training_tasks(
+            config, self.splits["train"], start_iteration=start_epoch * config.iters_per_epoch))
+        for epoch in range(start_epoch, config.epochs):
+            record = self.train_epoch(epoch, tasks)
+            record.update(self.validate(epoch))
+            history.append(record)
+            self.epoch.assign(epoch + 1)
+            self.run_dir.save_epoch(self.checkpoint, history)
+        return self.test()
+
+    def train_epoch(self, epoch, tasks):
+        """Runs one epoch of meta-updates under the schedules in force at `epoch`."""
+        config = self.config
+        weights = schedules.msl_weights(epoch, config.inner_steps, config.msl_epochs)
+        multi_step = schedules.multi_step_loss_active(config.msl, epoch, config.msl_epochs)
+        second_order = schedules.second_order_active(
+            config.second_order, config.da, epoch, config.first_order_epochs)
+        progress = Progress(config.iters_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
+        sums = {}
+        for iteration in range(config.iters_per_epoch):
+            step = epoch * config.iters_per_epoch + iteration
+            started = time.monotonic()
+            figures = {name: float(value) for name, value in self.meta_learner.train_step(
+                next(tasks), tf.constant(weights), second_order, multi_step).items()}
+            self._check_finite(figures, epoch, iteration)
+            figures["seconds_per_iteration"] = time.monotonic() - started
+            self._write_training_summaries(step, figures)
+            for name, value in figures.items():
+                sums[name] = sums.get(name, 0.0) + value
+            progress.update(loss=figures["loss"], acc=figures["accuracy"])
+        progress.close()
+        self._write_schedule_summaries(epoch * config.iters_per_epoch, weights, second_order)
+        return {"epoch": epoch + 1, "second_order": second_order, "multi_step": multi_step,
+                **{f"train_{name}": total / config.iters_per_epoch for name, total in sums.items()}}
+
+    def _check_finite(self, figures, epoch, iteration):
+        bad = [name for name in ("loss", "gradient_norm") if not math.isfinite(figures[name])]
+        if bad:
+            raise NonFiniteLossError(
+                f"{' and '.join(bad)} became {figures[bad[0]]} at epoch {epoch + 1}, iteration "
+                f"{iteration + 1}; the last good checkpoint is kept. Lower --meta_lr or "
+                f"--inner_lr, or train first order longer (--first_order_epochs).")
+
+    def _write_training_summaries(self, step, figures):
+        with self.writer.as_default(step=step):
+            for name, value in figures.items():
+                tf.summary.scalar(f"train/{name}", value)
+            tf.summary.scalar("schedule/meta_learning_rate", self.optimizer.learning_rate)
+
+    def _write_schedule_summaries(self, step, weights, second_order):
+        """Figures that change at most once an epoch: schedules and learned rates."""
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("schedule/second_order", float(second_order))
+            for index, weight in enumerate(weights):
+                tf.summary.scalar(f"schedule/msl_weight_step_{index}", weight)
+            for layer, rates in self.network.inner_rates.items():
+                for index, rate in enumerate(rates.numpy()):
+                    tf.summary.scalar(f"lslr/{layer}_step_{index}", rate)
+
+    def evaluate_split(self, split, num_tasks, bn_eval=None):
+        """Accuracy of the current model on the fixed task set of `split`."""
+        config = self.config
+        progress = Progress(num_tasks, f"{split} tasks")
+        result = evaluation.evaluate(
+            self.meta_learner, data.evaluation_tasks(config, self.splits[split], split, num_tasks),
+            config.eval_inner_steps, BN_EVAL_MODES[bn_eval or config.bn_eval], progress)
+        progress.close()
+        return result
+
+    def validate(self, epoch):
+        """Validation accuracy after `epoch` under both batch-norm modes.
+
+        The configured --bn_eval mode ranks the checkpoints; the other is
+        recorded beside it, so every run measures the paper's running
+        statistics against the reference code's transductive batch norm.
+        """
+        record = {}
+        step = (epoch + 1) * self.config.iters_per_epoch
+        for bn_eval in BN_EVAL_MODES:
+            result = self.evaluate_split("val", self.config.val_tasks, bn_eval)
+            mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
+            record[f"val_accuracy_{bn_eval}"] = mean
+            record[f"val_interval_{bn_eval}"] = interval
+            with self.writer.as_default(step=step):
+                tf.summary.scalar(f"val_{bn_eval}/accuracy", mean)
+                tf.summary.scalar(f"val_{bn_eval}/interval", interval)
+                for inner_step, accuracy in enumerate(result["accuracies"].mean(axis=0)):
+                    tf.summary.scalar(f"val_{bn_eval}/accuracy_after_step_{inner_step}", accuracy)
+        self.writer.flush()
+        record["val_accuracy"] = record[f"val_accuracy_{self.config.bn_eval}"]
+        record["val_interval"] = record[f"val_interval_{self.config.bn_eval}"]
+        logging.info("epoch %d: validation accuracy %.2f%% ± %.2f (%s batch norm; %s: %.2f%%)",
+                     epoch + 1, 100 * record["val_accuracy"], 100 * record["val_interval"],
+                     self.config.bn_eval, *[(mode, 100 * record[f"val_accuracy_{mode}"])
+                                            for mode in BN_EVAL_MODES
+                                            if mode != self.config.bn_eval][0])
+        return record
+
+    def test(self):
+        """Test accuracy of the latest model over the fixed test tasks, written to results.json."""
+        config = self.config
+        result = self.evaluate_split("test", config.test_tasks)
+        mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
+        results = {"test_accuracy": mean, "test_interval": interval,
+                   "test_tasks": config.test_tasks, "test_seed": data.stream_seed(config, "test"),
+                   "confidence": 0.95, "bn_eval": config.bn_eval,
+                   "inner_steps": config.eval_inner_steps,
+                   "accuracy_after_each_step": result["accuracies"].mean(axis=0).tolist()}
+        self.run_dir.write_json("results.json", results)
+        logging.info("test accuracy %.2f%% ± %.2f over %d tasks", 100 * mean, 100 * interval,
+                     config.test_tasks)
+        return results
