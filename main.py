@@ -3,12 +3,15 @@
     python main.py --dataset=omniglot --way=20 --shot=5
     python main.py --flagfile=experiments/omniglot_5way_1shot.flags
     python main.py --mode=test --experiment=omniglot_5way_1shot_seed0
+    python main.py --mode=export --experiment=omniglot_5way_1shot_seed0 --export_dir=DIR
+    python main.py --mode=adapt --export_dir=DIR --support_dir=FOLDER --query_dir=FOLDER
 
 Flags left unset take the paper's setting for the dataset (see
 tf_mamlpp/config.py); the resolved configuration is logged and saved with the run.
 """
 
 import os
+import signal
 import sys
 import traceback
 
@@ -18,9 +21,12 @@ from absl import app, flags, logging  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("mode", "train", ["train", "test"],
-                  "train: meta-train (resuming the run if it exists), then test. "
-                  "test: test the run's latest checkpoint. Default train.")
+flags.DEFINE_enum("mode", "train", ["train", "test", "export", "adapt"],
+                  "train: meta-train (resuming the run if it exists), then test and export. "
+                  "test: test the run's best checkpoints and their ensemble. "
+                  "export: write the run's best checkpoint as a SavedModel to --export_dir. "
+                  "adapt: adapt the SavedModel in --export_dir to --support_dir and classify "
+                  "--query_dir. Default train.")
 flags.DEFINE_string("dataset", "omniglot", "Dataset name: omniglot. Default omniglot.")
 flags.DEFINE_string("data_dir", None, "Folder of the dataset's files. Default: the copy shipped "
                     "in datasets/<dataset>; without it, Omniglot is fetched by tensorflow-datasets.")
@@ -70,6 +76,15 @@ flags.DEFINE_string("experiment", None, "Run directory name under --logdir. Defa
                     "<dataset>_<way>way_<shot>shot_seed<seed>.")
 flags.DEFINE_bool("fresh", False, "Start a new run in a new directory even if one exists "
                   "(the old one is kept). Default false: continue the existing run.")
+flags.DEFINE_bool("deterministic", False, "Enable TensorFlow's op determinism, so an "
+                  "interrupted and resumed run repeats an uninterrupted one exactly. "
+                  "Default false.")
+flags.DEFINE_string("export_dir", None, "SavedModel folder for --mode=export (must be new or "
+                    "empty) and --mode=adapt. Default: none.")
+flags.DEFINE_string("support_dir", None, "--mode=adapt: folder with one sub-folder of images "
+                    "per class. Default: none.")
+flags.DEFINE_string("query_dir", None, "--mode=adapt: folder of images to classify. "
+                    "Default: none.")
 flags.DEFINE_bool("run_eagerly", False, "Run the steps eagerly, for debugging. Default false.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false "
                   "(slower on CPU; see benchmarks/README.md).")
@@ -89,27 +104,65 @@ def resolved_config():
     return config.resolve(FLAGS.dataset, **{name: FLAGS[name].value for name in CONFIG_FLAGS})
 
 
-def run():
-    import tensorflow as tf
-    from tf_mamlpp import run_directory
-    from tf_mamlpp.trainer import Trainer
+def adapt():
+    from tf_mamlpp.folder_task import classify_folders
+    for name in ("export_dir", "support_dir", "query_dir"):
+        if not FLAGS[name].value:
+            raise ValueError(f"--mode=adapt needs --{name}")
+    for path, class_name, probability in classify_folders(
+            FLAGS.export_dir, FLAGS.support_dir, FLAGS.query_dir):
+        print(f"{path.name}\t{class_name}\t{probability:.3f}")
 
-    tf.config.run_functions_eagerly(FLAGS.run_eagerly)
+
+def open_run():
+    """The run directory and configuration this command works on."""
+    from tf_mamlpp import run_directory
     config = resolved_config()
     name = FLAGS.experiment or run_directory.experiment_name(config)
-    run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh)
+    if FLAGS.mode == "train":
+        run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh)
+        return run_dir, config
+    # Testing and exporting use the configuration the run was trained with.
+    run_dir = run_directory.RunDirectory.existing(FLAGS.logdir, name)
+    return run_dir, run_dir.config
+
+
+def train(trainer):
+    """Trains; SIGINT/SIGTERM stop it after the current iteration with a checkpoint."""
+    from tf_mamlpp.trainer import TrainingInterrupted
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: trainer.request_stop())
+    try:
+        return trainer.train()
+    except TrainingInterrupted as stop:
+        print(f"{stop}. Run the same command again to resume.")
+        return None
+
+
+def run():
+    import tensorflow as tf
+    from tf_mamlpp.trainer import Trainer
+
+    if FLAGS.mode == "adapt":
+        return adapt()
+    if FLAGS.mode == "export" and not FLAGS.export_dir:
+        raise ValueError("--mode=export needs --export_dir")
+    tf.config.run_functions_eagerly(FLAGS.run_eagerly)
+    if FLAGS.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    run_dir, config = open_run()
     logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())
     trainer = Trainer(config, run_dir, jit_compile=FLAGS.jit_compile,
                       fold_tasks=FLAGS.fold_tasks)
-    if FLAGS.mode == "test":
-        if not trainer.run_dir.restore_latest(trainer.checkpoint):
-            raise ValueError(f"--mode=test: {run_dir.path} has no checkpoint to test")
-        results = trainer.test()
-    else:
-        results = trainer.train()
-    print(f"test accuracy {100 * results['test_accuracy']:.2f}% "
-          f"± {100 * results['test_interval']:.2f} over {results['test_tasks']} tasks "
-          f"({run_dir.path / 'results.json'})")
+    if FLAGS.mode == "export":
+        print(f"exported to {trainer.export_best(FLAGS.export_dir)}")
+        return
+    results = trainer.test() if FLAGS.mode == "test" else train(trainer)
+    if results:
+        print(f"test accuracy {100 * results['test_accuracy']:.2f}% "
+              f"± {100 * results['test_interval']:.2f} over {results['test_tasks']} tasks, "
+              f"ensemble of {len(results['models'])} checkpoints "
+              f"({run_dir.path / 'results.json'})")
 
 
 def main(argv):

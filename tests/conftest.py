@@ -12,7 +12,7 @@ import tensorflow as tf
 from tf_mamlpp.per_step_batch_norm import BATCH
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_tasks():
     """Factory of a task batch as the meta-learner takes it.
 
@@ -44,7 +44,7 @@ def mean_cross_entropy(labels, logits):
     return tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def adapt_by_hand():
     """Plain gradient descent on one task, written out here and not in the package.
 

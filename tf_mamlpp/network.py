@@ -61,32 +61,46 @@ class MamlppNetwork(keras.Model):
         return height * width * self.filters
 
     def _create_weights(self):
+        # Each variable and layer is an attribute of its own, which is how
+        # tf.train.Checkpoint finds it; the dicts below are views of them.
         in_channels = self.image_shape[-1]
-        self.fast_variables = {}
-        self.norms = []
         size = self.image_shape[:2]
         for i in range(self.num_stages):
-            self.fast_variables[f"conv{i}/kernel"] = self.add_weight(
+            setattr(self, f"conv{i}_kernel", self.add_weight(
                 name=f"conv{i}_kernel", shape=(3, 3, in_channels, self.filters),
-                initializer="glorot_uniform")
+                initializer="glorot_uniform"))
             norm = PerStepBatchNorm(
                 self.num_steps, self.per_step_bn_statistics, self.per_step_bn_affine,
                 momentum=self.bn_momentum, name=f"norm{i}")
             norm.build((None, *size, self.filters))
-            self.norms.append(norm)
+            setattr(self, f"norm{i}", norm)
             in_channels = self.filters
             size = (size[0] // 2, size[1] // 2)
-        self.fast_variables["head/kernel"] = self.add_weight(
+        self.head_kernel = self.add_weight(
             name="head_kernel", shape=(self.feature_size, self.way), initializer="glorot_uniform")
-        self.fast_variables["head/bias"] = self.add_weight(
-            name="head_bias", shape=(self.way,), initializer="zeros")
+        self.head_bias = self.add_weight(name="head_bias", shape=(self.way,), initializer="zeros")
         # LSLR: one rate per layer and inner step, free to change sign.
-        self.inner_rates = {
-            layer: self.add_weight(
+        for layer in self.layer_names:
+            setattr(self, f"{layer}_inner_rate", self.add_weight(
                 name=f"{layer}_inner_rate", shape=(self.num_steps,),
                 initializer=keras.initializers.Constant(self.inner_lr),
-                trainable=self.learn_inner_rates)
-            for layer in self.layer_names}
+                trainable=self.learn_inner_rates))
+
+    @property
+    def fast_variables(self):
+        """The weights the inner loop adapts: name -> variable."""
+        names = [f"conv{i}/kernel" for i in range(self.num_stages)] + ["head/kernel", "head/bias"]
+        return {name: getattr(self, name.replace("/", "_")) for name in names}
+
+    @property
+    def norms(self):
+        """The per-step batch-norm layers, one per stage."""
+        return [getattr(self, f"norm{i}") for i in range(self.num_stages)]
+
+    @property
+    def inner_rates(self):
+        """LSLR: layer name -> (num_steps,) variable of inner learning rates."""
+        return {layer: getattr(self, f"{layer}_inner_rate") for layer in self.layer_names}
 
     def initial_fast_weights(self, num_tasks=1):
         """The meta-learned initialisation, one copy per task.

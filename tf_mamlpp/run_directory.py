@@ -85,17 +85,30 @@ class RunDirectory:
         write_json_atomically(config_file, json.loads(config.to_json()))
         return cls(path, keep_best)
 
+    @classmethod
+    def existing(cls, logdir, name, keep_best=3):
+        """Reopens a run to test or export it, with the configuration it was trained with.
+
+        Raises:
+          RunDirectoryError: there is no run at logdir/name.
+        """
+        path = pathlib.Path(logdir) / name
+        if not (path / CONFIG).exists():
+            raise RunDirectoryError(f"{path}: no run there (no {CONFIG}); check --logdir and "
+                                    "--experiment")
+        return cls(path, keep_best)
+
     def _manager(self, checkpoint):
         return tf.train.CheckpointManager(checkpoint, self.path / "checkpoints" / "latest",
                                           max_to_keep=2)
 
     def restore_latest(self, checkpoint):
-        """Restores the newest end-of-epoch checkpoint; returns the epochs it completed."""
+        """Restores the newest checkpoint into `checkpoint`; returns whether there was one."""
         latest = tf.train.latest_checkpoint(self.path / "checkpoints" / "latest")
         if latest is None:
-            return 0
+            return False
         checkpoint.restore(latest).assert_existing_objects_matched()
-        return int(checkpoint.epoch.numpy())
+        return True
 
     def read_history(self, epochs=None):
         """Per-epoch records, cut to the first `epochs` (those the checkpoint holds)."""
@@ -103,12 +116,19 @@ class RunDirectory:
         history = json.loads(file.read_text()) if file.exists() else []
         return history if epochs is None else history[:epochs]
 
-    def save_epoch(self, checkpoint, history):
-        """Writes the history and the end-of-epoch checkpoint, and keeps the best ones."""
+    def save_checkpoint(self, checkpoint, iteration):
+        """Writes the latest checkpoint, numbered by the meta-iterations done."""
+        self._manager(checkpoint).save(checkpoint_number=iteration)
+
+    def save_epoch(self, checkpoint, iteration, history):
+        """Writes the history and the end-of-epoch checkpoint, and keeps the best ones.
+
+        The history goes first: a run killed between the two resumes from the
+        previous checkpoint and cuts the history back to it.
+        """
         write_json_atomically(self.path / HISTORY, history)
-        epoch = history[-1]["epoch"]
-        self._manager(checkpoint).save(checkpoint_number=epoch)
-        self._keep_if_best(checkpoint, epoch, history[-1]["val_accuracy"])
+        self.save_checkpoint(checkpoint, iteration)
+        self._keep_if_best(checkpoint, history[-1]["epoch"], history[-1]["val_accuracy"])
 
     def best_checkpoints(self):
         """[(val_accuracy, epoch, prefix)] of the kept checkpoints, best first."""

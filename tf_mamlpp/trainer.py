@@ -13,7 +13,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_mamlpp import data, evaluation, run_directory, schedules
+from tf_mamlpp import data, evaluation, export, schedules
 from tf_mamlpp.meta_learner import MetaLearner
 from tf_mamlpp.network import MamlppNetwork
 from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING
@@ -41,6 +41,10 @@ def build_optimizer(config):
         config.meta_lr, config.min_meta_lr, config.total_iterations, config.ca))
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on request (SIGINT/SIGTERM) after writing a checkpoint."""
+
+
 class Trainer:
     """Owns one run: its directory, data, model, optimizer and checkpoints.
 
@@ -61,52 +65,77 @@ class Trainer:
         self.meta_learner = MetaLearner(
             self.network, self.optimizer, config.batch_size, jit_compile=jit_compile,
             fold_tasks=fold_tasks)
-        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        self.checkpoint = tf.train.Checkpoint(
-            network=self.network, optimizer=self.optimizer, epoch=self.epoch)
+        # The optimizer's iteration counter is the run's position: the task
+        # stream, the epoch and the schedules all follow from it.
+        self.checkpoint = tf.train.Checkpoint(network=self.network, optimizer=self.optimizer)
         self.writer = tf.summary.create_file_writer(str(run_dir.path))
+        self.stop_requested = False
+
+    @property
+    def iterations_done(self):
+        return int(self.optimizer.iterations.numpy())
+
+    def request_stop(self):
+        """Asks the loop to stop after the current meta-iteration (signal-safe)."""
+        self.stop_requested = True
 
     def train(self):
-        """Meta-trains from the last checkpoint to the last epoch, then tests."""
+        """Meta-trains from the last checkpoint to the last epoch, then tests and exports.
+
+        Raises:
+          TrainingInterrupted: after `request_stop`, once a checkpoint is written.
+          NonFiniteLossError: the loss or gradient became NaN or infinite.
+        """
         config = self.config
-        start_epoch = self.run_dir.restore_latest(self.checkpoint)
+        self.run_dir.restore_latest(self.checkpoint)
+        done = self.iterations_done
+        start_epoch = done // config.iters_per_epoch
         history = self.run_dir.read_history(start_epoch)
-        if start_epoch:
-            logging.info("Resuming at epoch %d of %d.", start_epoch + 1, config.epochs)
-        tasks = iter(data.training_tasks(
-            config, self.splits["train"], start_iteration=start_epoch * config.iters_per_epoch))
+        if done:
+            logging.info("Resuming at epoch %d, iteration %d.", start_epoch + 1,
+                         done % config.iters_per_epoch + 1)
+        tasks = iter(data.training_tasks(config, self.splits["train"], start_iteration=done))
         for epoch in range(start_epoch, config.epochs):
             record = self.train_epoch(epoch, tasks)
             record.update(self.validate(epoch))
             history.append(record)
-            self.epoch.assign(epoch + 1)
-            self.run_dir.save_epoch(self.checkpoint, history)
-        return self.test()
+            self.run_dir.save_epoch(self.checkpoint, self.iterations_done, history)
+        results = self.test()
+        if not (self.run_dir.path / "export").exists():
+            self.export_best(self.run_dir.path / "export")
+        return results
 
     def train_epoch(self, epoch, tasks):
-        """Runs one epoch of meta-updates under the schedules in force at `epoch`."""
+        """Runs the rest of epoch `epoch` under the schedules in force at that epoch."""
         config = self.config
         weights = schedules.msl_weights(epoch, config.inner_steps, config.msl_epochs)
         multi_step = schedules.multi_step_loss_active(config.msl, epoch, config.msl_epochs)
         second_order = schedules.second_order_active(
             config.second_order, config.da, epoch, config.first_order_epochs)
-        progress = Progress(config.iters_per_epoch, f"epoch {epoch + 1}/{config.epochs}")
+        self._write_schedule_summaries(self.iterations_done, weights, second_order)
+        first = self.iterations_done - epoch * config.iters_per_epoch
+        progress = Progress(config.iters_per_epoch - first, f"epoch {epoch + 1}/{config.epochs}")
         sums = {}
-        for iteration in range(config.iters_per_epoch):
-            step = epoch * config.iters_per_epoch + iteration
+        for iteration in range(first, config.iters_per_epoch):
             started = time.monotonic()
             figures = {name: float(value) for name, value in self.meta_learner.train_step(
                 next(tasks), tf.constant(weights), second_order, multi_step).items()}
             self._check_finite(figures, epoch, iteration)
             figures["seconds_per_iteration"] = time.monotonic() - started
-            self._write_training_summaries(step, figures)
+            self._write_training_summaries(self.iterations_done, figures)
             for name, value in figures.items():
                 sums[name] = sums.get(name, 0.0) + value
             progress.update(loss=figures["loss"], acc=figures["accuracy"])
+            if self.stop_requested:
+                progress.close()
+                self.run_dir.save_checkpoint(self.checkpoint, self.iterations_done)
+                raise TrainingInterrupted(
+                    f"stopped at epoch {epoch + 1}, iteration {iteration + 1}; checkpoint "
+                    f"written to {self.run_dir.path}")
         progress.close()
-        self._write_schedule_summaries(epoch * config.iters_per_epoch, weights, second_order)
+        counted = config.iters_per_epoch - first
         return {"epoch": epoch + 1, "second_order": second_order, "multi_step": multi_step,
-                **{f"train_{name}": total / config.iters_per_epoch for name, total in sums.items()}}
+                **{f"train_{name}": total / counted for name, total in sums.items()}}
 
     def _check_finite(self, figures, epoch, iteration):
         bad = [name for name in ("loss", "gradient_norm") if not math.isfinite(figures[name])]
@@ -172,16 +201,45 @@ class Trainer:
         return record
 
     def test(self):
-        """Test accuracy of the latest model over the fixed test tasks, written to results.json."""
+        """Tests the best validation checkpoints, each alone and as an ensemble.
+
+        Antoniou et al. (2019) report the ensemble of the three best validation
+        checkpoints: the mean of their predicted probabilities. Each model and
+        the ensemble are scored over the same fixed test tasks; the table is
+        logged and written to results.json, with the ensemble as the headline.
+        """
         config = self.config
-        result = self.evaluate_split("test", config.test_tasks)
-        mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
-        results = {"test_accuracy": mean, "test_interval": interval,
+        best = self.run_dir.best_checkpoints()
+        if not best:
+            raise ValueError(f"{self.run_dir.path} has no validated checkpoint to test yet")
+        models, probabilities = [], []
+        for val_accuracy, epoch, prefix in best:
+            tf.train.Checkpoint(network=self.network).read(prefix).expect_partial()
+            result = self.evaluate_split("test", config.test_tasks)
+            mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
+            models.append({"epoch": epoch, "val_accuracy": val_accuracy,
+                           "test_accuracy": mean, "test_interval": interval})
+            probabilities.append(result["probabilities"])
+        mean, interval = evaluation.mean_and_interval(
+            evaluation.ensemble_accuracies(probabilities, result["labels"]))
+        results = {"test_accuracy": mean, "test_interval": interval, "models": models,
                    "test_tasks": config.test_tasks, "test_seed": data.stream_seed(config, "test"),
                    "confidence": 0.95, "bn_eval": config.bn_eval,
-                   "inner_steps": config.eval_inner_steps,
-                   "accuracy_after_each_step": result["accuracies"].mean(axis=0).tolist()}
+                   "inner_steps": config.eval_inner_steps}
         self.run_dir.write_json("results.json", results)
-        logging.info("test accuracy %.2f%% ± %.2f over %d tasks", 100 * mean, 100 * interval,
-                     config.test_tasks)
+        rows = [f"epoch {m['epoch']:4d}  val {100 * m['val_accuracy']:6.2f}%  test "
+                f"{100 * m['test_accuracy']:6.2f}% ± {100 * m['test_interval']:.2f}" for m in models]
+        logging.info("test accuracy over %d tasks:\n%s\nensemble of %d: %.2f%% ± %.2f",
+                     config.test_tasks, "\n".join(rows), len(models), 100 * mean, 100 * interval)
         return results
+
+    def export_best(self, export_dir):
+        """Exports the best validation checkpoint as an adapting SavedModel."""
+        best = self.run_dir.best_checkpoints()
+        if not best:
+            raise ValueError(f"{self.run_dir.path} has no validated checkpoint to export yet")
+        tf.train.Checkpoint(network=self.network).read(best[0][2]).expect_partial()
+        path = export.export(self.network, self.config.eval_inner_steps,
+                             BN_EVAL_MODES[self.config.bn_eval], export_dir)
+        logging.info("exported the epoch-%d model to %s", best[0][1], path)
+        return path
