@@ -21,7 +21,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
 flags.DEFINE_list("variants", ["fold"], "Task batching to measure: fold (grouped convolutions) "
                   "and/or loop (one task at a time). Default fold.")
-flags.DEFINE_list("configs", None, "Names of the configurations to run. Default: all.")
+flags.DEFINE_list("configs", None, "Names of the configurations to run, with _ for spaces. Default: all.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false.")
 flags.DEFINE_string("child", None, "Internal: run one measurement and print it as JSON.")
 
@@ -92,7 +92,7 @@ def main(argv):
         name, variant = FLAGS.child.split("|")
         print(json.dumps(measure(name, variant, FLAGS.iterations, FLAGS.jit_compile)))
         return
-    names = FLAGS.configs or list(CONFIGS)
+    names = [name.replace("_", " ") for name in FLAGS.configs] if FLAGS.configs else list(CONFIGS)
     print(f"batch {BATCH_SIZE} tasks, {INNER_STEPS} inner steps, query {QUERY}, "
           f"median of {FLAGS.iterations} iterations, jit_compile={FLAGS.jit_compile}")
     print(f"| configuration | variant | s/iter | reference s/iter | speed-up | peak GB "

@@ -120,7 +120,8 @@ def test_train_step_measurements_are_means_over_the_tasks(one_step):
 def test_switched_off_techniques_remove_exactly_their_variables():
     full = tiny_network()
     shapes = lambda variables: {v.path.split("/", 1)[1]: tuple(v.shape) for v in variables}
-    full_trainable, full_banks = shapes(full.trainable_variables), shapes(full.non_trainable_variables)
+    full_trainable = shapes(full.trainable_variables)
+    full_banks = shapes(full.non_trainable_variables)
     rates = {name for name in full_trainable if name.endswith("_inner_rate")}
     assert len(rates) == 2
     no_lslr = tiny_network(learn_inner_rates=False)

@@ -8,7 +8,6 @@ towards that step's statistics only. Expected values are computed in NumPy.
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING, PerStepBatchNorm
 

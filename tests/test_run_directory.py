@@ -16,8 +16,11 @@ def config():
     return resolve("omniglot", way=5, shot=1, epochs=10)
 
 
+ITERATIONS_PER_EPOCH = 10
+
+
 def make_checkpoint():
-    """A small checkpoint like the trainer's: some weights and the epoch counter."""
+    """A small checkpoint like the trainer's: some weights and a position counter."""
     return tf.train.Checkpoint(
         weights=tf.Variable(np.zeros(3, np.float32)),
         epoch=tf.Variable(0, dtype=tf.int64, trainable=False))
@@ -28,7 +31,7 @@ def run_epoch(run, checkpoint, history, epoch, val_accuracy):
     checkpoint.weights.assign(np.full(3, epoch, np.float32))
     history.append({"epoch": epoch, "val_accuracy": val_accuracy})
     checkpoint.epoch.assign(epoch)
-    run.save_epoch(checkpoint, history)
+    run.save_epoch(checkpoint, epoch * ITERATIONS_PER_EPOCH, history)
 
 
 def test_experiment_name(config):
@@ -78,9 +81,22 @@ def test_fresh_starts_a_new_directory_and_leaves_the_old_one_intact(tmp_path, co
     assert RunDirectory.open(tmp_path, "new", config, fresh=True).path == tmp_path / "new"
 
 
-def test_restore_latest_without_checkpoints_starts_at_epoch_zero(tmp_path, config):
+def test_existing_reopens_a_run_with_its_own_config_and_refuses_a_missing_one(tmp_path, config):
+    trained = dataclasses.replace(config, way=20, filters=32)
+    RunDirectory.open(tmp_path, "exp", trained)
+    run = RunDirectory.existing(tmp_path, "exp")
+    assert run.path == tmp_path / "exp"
+    assert run.config == trained
+    with pytest.raises(RunDirectoryError, match="--experiment"):
+        RunDirectory.existing(tmp_path, "nothing_here")
+    assert not (tmp_path / "nothing_here").exists()
+
+
+def test_restore_latest_without_checkpoints_restores_nothing(tmp_path, config):
     run = RunDirectory.open(tmp_path, "exp", config)
-    assert run.restore_latest(make_checkpoint()) == 0
+    checkpoint = make_checkpoint()
+    assert run.restore_latest(checkpoint) is False
+    assert int(checkpoint.epoch.numpy()) == 0
     assert run.read_history() == []
 
 
@@ -91,12 +107,27 @@ def test_save_epoch_and_restore_latest_round_trip(tmp_path, config):
         run_epoch(run, checkpoint, history, epoch, accuracy)
     restored = make_checkpoint()
     reopened = RunDirectory.open(tmp_path, "exp", config)
-    assert reopened.restore_latest(restored) == 3
+    assert reopened.restore_latest(restored) is True
+    assert int(restored.epoch.numpy()) == 3
     np.testing.assert_array_equal(restored.weights.numpy(), [3, 3, 3])
     assert reopened.read_history() == history
-    # Only the last two end-of-epoch checkpoints are kept.
+    # Only the last two checkpoints are kept, numbered by iterations done.
     latest = tf.train.get_checkpoint_state(str(run.path / "checkpoints" / "latest"))
-    assert [path.rsplit("-", 1)[1] for path in latest.all_model_checkpoint_paths] == ["2", "3"]
+    assert [path.rsplit("-", 1)[1] for path in latest.all_model_checkpoint_paths] == ["20", "30"]
+
+
+def test_a_checkpoint_saved_mid_epoch_is_the_one_restored(tmp_path, config):
+    run = RunDirectory.open(tmp_path, "exp", config)
+    checkpoint, history = make_checkpoint(), []
+    run_epoch(run, checkpoint, history, 1, 0.3)
+    checkpoint.weights.assign([7.0, 7.0, 7.0])
+    run.save_checkpoint(checkpoint, ITERATIONS_PER_EPOCH + 4)
+    restored = make_checkpoint()
+    assert run.restore_latest(restored) is True
+    np.testing.assert_array_equal(restored.weights.numpy(), [7, 7, 7])
+    # An interruption is not an epoch: neither the history nor the best move.
+    assert run.read_history() == history
+    assert [epoch for _, epoch, _ in run.best_checkpoints()] == [1]
 
 
 def test_read_history_cuts_to_the_epochs_the_checkpoint_holds(tmp_path, config):

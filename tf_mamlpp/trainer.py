@@ -94,6 +94,8 @@ class Trainer:
         if done:
             logging.info("Resuming at epoch %d, iteration %d.", start_epoch + 1,
                          done % config.iters_per_epoch + 1)
+        with self.writer.as_default(step=done):
+            tf.summary.text("config", f"```\n{config.to_json()}\n```")
         tasks = iter(data.training_tasks(config, self.splits["train"], start_iteration=done))
         for epoch in range(start_epoch, config.epochs):
             record = self.train_epoch(epoch, tasks)
@@ -152,8 +154,14 @@ class Trainer:
             tf.summary.scalar("schedule/meta_learning_rate", self.optimizer.learning_rate)
 
     def _write_schedule_summaries(self, step, weights, second_order):
-        """Figures that change at most once an epoch: schedules and learned rates."""
+        """Figures written once an epoch: schedules, learned rates, weight histograms."""
         with self.writer.as_default(step=step):
+            for variable in self.network.variables:
+                tf.summary.histogram(f"weights/{variable.path}", variable)
+            for norm in self.network.norms:
+                for bank in (norm.moving_mean, norm.moving_variance, norm.gamma, norm.beta):
+                    for row, values in enumerate(bank.numpy()):
+                        tf.summary.histogram(f"batch_norm/{bank.path}_step_{row}", values)
             tf.summary.scalar("schedule/second_order", float(second_order))
             for index, weight in enumerate(weights):
                 tf.summary.scalar(f"schedule/msl_weight_step_{index}", weight)
