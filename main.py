@@ -85,6 +85,9 @@ flags.DEFINE_string("support_dir", None, "--mode=adapt: folder with one sub-fold
                     "per class. Default: none.")
 flags.DEFINE_string("query_dir", None, "--mode=adapt: folder of images to classify. "
                     "Default: none.")
+flags.DEFINE_string("strategy", "default", "tf.distribute strategy: default (one device), "
+                    "mirrored (every GPU of this host) or multi_worker (hosts listed in "
+                    "TF_CONFIG); --batch_size is split over the replicas. Default default.")
 flags.DEFINE_bool("run_eagerly", False, "Run the steps eagerly, for debugging. Default false.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false "
                   "(slower on CPU; see benchmarks/README.md).")
@@ -141,19 +144,21 @@ def train(trainer):
 
 def run():
     import tensorflow as tf
+    from tf_mamlpp.distribution import make_strategy
     from tf_mamlpp.trainer import Trainer
 
     if FLAGS.mode == "adapt":
         return adapt()
     if FLAGS.mode == "export" and not FLAGS.export_dir:
         raise ValueError("--mode=export needs --export_dir")
+    strategy = make_strategy(FLAGS.strategy)  # before any other TensorFlow op
     tf.config.run_functions_eagerly(FLAGS.run_eagerly)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
     run_dir, config = open_run()
     logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())
     trainer = Trainer(config, run_dir, jit_compile=FLAGS.jit_compile,
-                      fold_tasks=FLAGS.fold_tasks)
+                      fold_tasks=FLAGS.fold_tasks, strategy=strategy)
     if FLAGS.mode == "export":
         print(f"exported to {trainer.export_best(FLAGS.export_dir)}")
         return

@@ -57,7 +57,8 @@ class MetaLearner:
         """One meta-update on a meta-batch.
 
         Args:
-          batch: dict of per-replica tensors (see TASK_KEYS), leading axis tasks.
+          batch: dict of tensors (see TASK_KEYS) holding the whole global
+            meta-batch, leading axis tasks; each replica takes its share.
           msl_weights: (num_steps,) float32 multi-step loss weights.
           second_order: Python bool, the derivative order in force (DA).
           multi_step: Python bool, whether the outer loss sums every step (MSL).
@@ -116,8 +117,19 @@ class MetaLearner:
                 else tf.nest.map_structure(lambda v: tf.reduce_sum(v, axis=0), value)
                 for name, value in per_task.items()}
 
+    def _replica_tasks(self, batch):
+        """This replica's share of the global meta-batch: a contiguous slice of tasks.
+
+        Every worker builds the same global batch (tasks are a pure function of
+        the seed and index), so no input pipeline needs to be distributed.
+        """
+        context = tf.distribute.get_replica_context()
+        share = self.global_batch_size // context.num_replicas_in_sync
+        start = context.replica_id_in_sync_group * share
+        return {key: batch[key][start:start + share] for key in TASK_KEYS}
+
     def _replica_train_step_fn(self, batch, msl_weights, second_order, multi_step):
-        tasks = {key: batch[key] for key in TASK_KEYS}
+        tasks = self._replica_tasks(batch)
         variables = self.network.trainable_variables
         step = self._tasks_step if self.fold_tasks else self._one_task_at_a_time
         sums = step(tasks, msl_weights, second_order, multi_step)

@@ -8,6 +8,7 @@ bad command never overwrites what an earlier run wrote.
 import json
 import os
 import pathlib
+import tempfile
 
 import tensorflow as tf
 
@@ -30,9 +31,10 @@ def experiment_name(config):
 def write_json_atomically(path, value):
     """Writes `value` as JSON to `path` through a temporary file and a rename."""
     path = pathlib.Path(path)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value, indent=2, sort_keys=True))
-    os.replace(temporary, path)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
+                                     delete=False) as temporary:
+        temporary.write(json.dumps(value, indent=2, sort_keys=True))
+    os.replace(temporary.name, path)
 
 
 class RunDirectory:

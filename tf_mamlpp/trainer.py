@@ -5,6 +5,7 @@ the loop (meta-updates, then validation and a checkpoint each epoch), and
 the final test.
 """
 
+import hashlib
 import math
 import time
 
@@ -13,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_mamlpp import data, evaluation, export, schedules
+from tf_mamlpp import data, distribution, evaluation, export, schedules
 from tf_mamlpp.meta_learner import MetaLearner
 from tf_mamlpp.network import MamlppNetwork
 from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING
@@ -53,27 +54,41 @@ class Trainer:
       run_dir: a `run_directory.RunDirectory`.
       jit_compile: compile the meta-step with XLA.
       fold_tasks: run a meta-batch's tasks together as grouped convolutions.
+      strategy: a tf.distribute strategy (see distribution.py); only its chief
+        writes checkpoints, summaries, results and the export.
     """
 
-    def __init__(self, config, run_dir, jit_compile=False, fold_tasks=False):
+    def __init__(self, config, run_dir, jit_compile=False, fold_tasks=False, strategy=None):
         self.config = config
         self.run_dir = run_dir
+        self.strategy = strategy or tf.distribute.get_strategy()
+        distribution.check_batch_size(config.batch_size, self.strategy)
+        self.is_chief = distribution.is_chief(self.strategy)
         keras.utils.set_random_seed(config.seed)
         self.splits = data.load_splits(config)
-        self.network = build_network(config)
-        self.optimizer = build_optimizer(config)
-        self.meta_learner = MetaLearner(
-            self.network, self.optimizer, config.batch_size, jit_compile=jit_compile,
-            fold_tasks=fold_tasks)
+        with self.strategy.scope():
+            self.network = build_network(config)
+            self.optimizer = build_optimizer(config)
+            self.meta_learner = MetaLearner(
+                self.network, self.optimizer, config.batch_size, strategy=self.strategy,
+                jit_compile=jit_compile, fold_tasks=fold_tasks)
         # The optimizer's iteration counter is the run's position: the task
         # stream, the epoch and the schedules all follow from it.
         self.checkpoint = tf.train.Checkpoint(network=self.network, optimizer=self.optimizer)
-        self.writer = tf.summary.create_file_writer(str(run_dir.path))
+        self.writer = (tf.summary.create_file_writer(str(run_dir.path)) if self.is_chief
+                       else tf.summary.create_noop_writer())
         self.stop_requested = False
 
     @property
     def iterations_done(self):
         return int(self.optimizer.iterations.numpy())
+
+    def parameter_fingerprint(self):
+        """A digest of every network variable, equal on workers that agree."""
+        digest = hashlib.sha256()
+        for variable in self.network.variables:
+            digest.update(np.asarray(variable.numpy()).tobytes())
+        return digest.hexdigest()[:16]
 
     def request_stop(self):
         """Asks the loop to stop after the current meta-iteration (signal-safe)."""
@@ -101,7 +116,11 @@ class Trainer:
             record = self.train_epoch(epoch, tasks)
             record.update(self.validate(epoch))
             history.append(record)
-            self.run_dir.save_epoch(self.checkpoint, self.iterations_done, history)
+            if self.is_chief:
+                self.run_dir.save_epoch(self.checkpoint, self.iterations_done, history)
+        logging.info("parameter fingerprint %s", self.parameter_fingerprint())
+        if not self.is_chief:
+            return None
         results = self.test()
         if not (self.run_dir.path / "export").exists():
             self.export_best(self.run_dir.path / "export")
@@ -130,7 +149,8 @@ class Trainer:
             progress.update(loss=figures["loss"], acc=figures["accuracy"])
             if self.stop_requested:
                 progress.close()
-                self.run_dir.save_checkpoint(self.checkpoint, self.iterations_done)
+                if self.is_chief:
+                    self.run_dir.save_checkpoint(self.checkpoint, self.iterations_done)
                 raise TrainingInterrupted(
                     f"stopped at epoch {epoch + 1}, iteration {iteration + 1}; checkpoint "
                     f"written to {self.run_dir.path}")
