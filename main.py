@@ -10,6 +10,7 @@ Flags left unset take the paper's setting for the dataset (see
 tf_mamlpp/config.py); the resolved configuration is logged and saved with the run.
 """
 
+import functools
 import os
 import signal
 import sys
@@ -27,9 +28,23 @@ flags.DEFINE_enum("mode", "train", ["train", "test", "export", "adapt"],
                   "export: write the run's best checkpoint as a SavedModel to --export_dir. "
                   "adapt: adapt the SavedModel in --export_dir to --support_dir and classify "
                   "--query_dir. Default train.")
-flags.DEFINE_string("dataset", "omniglot", "Dataset name: omniglot. Default omniglot.")
-flags.DEFINE_string("data_dir", None, "Folder of the dataset's files. Default: the copy shipped "
-                    "in datasets/<dataset>; without it, Omniglot is fetched by tensorflow-datasets.")
+flags.DEFINE_string("dataset", "omniglot", "Dataset name: omniglot, mini_imagenet, or folder "
+                    "(any --data_dir of class folders). Default omniglot.")
+flags.DEFINE_string("data_dir", None, "Folder of the dataset's files. Default: datasets/<dataset> "
+                    "(Omniglot is shipped there, and fetched by tensorflow-datasets without it; "
+                    "mini-ImageNet must be put there); required for --dataset=folder.")
+flags.DEFINE_integer("image_size", None, "Side of the square images the files are resized to. "
+                     "Default: 28 on Omniglot, 84 on mini-ImageNet and folder.")
+flags.DEFINE_integer("channels", None, "1 (grayscale) or 3 (RGB); images are converted to it. "
+                     "Default: 1 on Omniglot, 3 on mini-ImageNet, read from the images for "
+                     "folder.")
+flags.DEFINE_bool("augment", None, "Rotate training classes by multiples of 90 degrees. "
+                  "Default: true on Omniglot, false on mini-ImageNet and folder (as the paper).")
+flags.DEFINE_string("split_ratios", None, "--dataset=folder with no train/val/test: fractions "
+                    "train,val,test of its classes (a fixed shuffle). Default 0.64,0.16,0.2.")
+flags.DEFINE_float("in_memory_limit_gb", 4.0, "Folder data sets whose decoded images take more "
+                   "GiB than this are read from the on-disk cache as episodes need them "
+                   "instead of held in memory. Default 4.")
 flags.DEFINE_enum("omniglot_split", "mamlpp", ["mamlpp", "lake"],
                   "Class split: mamlpp (1150/50/423 of all 1623 characters, as the paper) or "
                   "lake (background alphabets for training and validation, evaluation "
@@ -95,16 +110,20 @@ flags.DEFINE_bool("fold_tasks", False, "Run a meta-batch's tasks together as gro
                   "convolutions instead of one after another. Default false (slower on CPU; "
                   "see benchmarks/README.md).")
 
-CONFIG_FLAGS = ("data_dir", "omniglot_split", "way", "shot", "query", "batch_size", "filters",
-                "inner_steps", "eval_inner_steps", "inner_lr", "meta_lr", "min_meta_lr",
+CONFIG_FLAGS = ("data_dir", "image_size", "channels", "augment", "split_ratios",
+                "in_memory_limit_gb", "omniglot_split", "way", "shot", "query", "batch_size",
+                "filters", "inner_steps", "eval_inner_steps", "inner_lr", "meta_lr", "min_meta_lr",
                 "epochs", "iters_per_epoch", "msl", "msl_epochs", "da", "first_order_epochs",
                 "second_order", "bnrs", "bnwb", "lslr", "ca", "bn_eval", "val_tasks",
                 "test_tasks", "seed")
 
 
+@functools.cache
 def resolved_config():
-    from tf_mamlpp import config
-    return config.resolve(FLAGS.dataset, **{name: FLAGS[name].value for name in CONFIG_FLAGS})
+    """The flags' configuration; to train, checked against itself and the data's file index."""
+    from tf_mamlpp import config, preflight
+    resolved = config.resolve(FLAGS.dataset, **{name: FLAGS[name].value for name in CONFIG_FLAGS})
+    return preflight.checked(resolved) if FLAGS.mode == "train" else resolved
 
 
 def adapt():
@@ -132,7 +151,7 @@ def open_run():
 
 def train(trainer):
     """Trains; SIGINT/SIGTERM stop it after the current iteration with a checkpoint."""
-    from tf_mamlpp.trainer import TrainingInterrupted
+    from tf_mamlpp.trainer import NonFiniteLossError, TrainingInterrupted
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: trainer.request_stop())
     try:
@@ -140,10 +159,15 @@ def train(trainer):
     except TrainingInterrupted as stop:
         print(f"{stop}. Run the same command again to resume.")
         return None
+    except NonFiniteLossError as error:
+        fail(error)
 
 
 def run():
+    if FLAGS.mode == "train":
+        resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
     import tensorflow as tf
+    from tf_mamlpp import data
     from tf_mamlpp.distribution import make_strategy
     from tf_mamlpp.trainer import Trainer
 
@@ -155,6 +179,8 @@ def run():
     tf.config.run_functions_eagerly(FLAGS.run_eagerly)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
+    if FLAGS.mode == "train":
+        data.prepare(resolved_config())  # decodes the data: a corrupt file fails before any write
     run_dir, config = open_run()
     logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())
     trainer = Trainer(config, run_dir, jit_compile=FLAGS.jit_compile,
@@ -170,16 +196,21 @@ def run():
               f"({run_dir.path / 'results.json'})")
 
 
+def fail(error):
+    """Ends the command with `error` in one line and exit status 2 (a traceback at -v 1)."""
+    if FLAGS.verbosity >= 1:
+        traceback.print_exc()
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         run()
     except (ValueError, OSError) as error:
-        if FLAGS.verbosity >= 1:
-            traceback.print_exc()
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(error)
 
 
 if __name__ == "__main__":

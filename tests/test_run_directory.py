@@ -154,7 +154,7 @@ def test_best_k_keeps_exactly_the_top_k_and_deletes_the_rest(tmp_path, config):
     # Each kept prefix holds its own epoch's weights.
     for _, epoch, prefix in best:
         restored = make_checkpoint()
-        restored.read(prefix).assert_existing_objects_matched()
+        restored.read(run.checkpoint_path(prefix)).assert_existing_objects_matched()
         np.testing.assert_array_equal(restored.weights.numpy(), [epoch] * 3)
     # The record survives a reopen.
     assert RunDirectory(run.path, keep_best=2).best_checkpoints() == best

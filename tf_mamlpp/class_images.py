@@ -1,10 +1,12 @@
-"""Images grouped by class: the in-memory form every few-shot data set takes.
+"""Images grouped by class: the in-memory form of a few-shot data set.
 
-A producer (Omniglot now, other data sets later) decodes its files into one
-array of images stored class after class, plus where each class starts and how
-many images it has. One contiguous array lets the episode sampler hold all
-images as a single tensor and gather by index; per-class counts, rather than a
-fixed images-per-class axis, admit data sets whose classes differ in size.
+A producer (omniglot.py, or decoded_images.py for image folders) decodes its
+files into one array of images stored class after class, plus where each
+class starts and how many images it has. One contiguous array lets the
+episode sampler hold all images as a single tensor and gather by index;
+per-class counts, rather than a fixed images-per-class axis, admit data sets
+whose classes differ in size. Data sets too large for memory stay on disk as
+`mapped_class_images.MappedClassImages` instead.
 
 Decoding thousands of image files takes seconds; `ImageCache` keeps the
 decoded arrays as one .npz so that later loads take a fraction of a second.
@@ -33,7 +35,9 @@ class ClassImages:
     Images of class `c` are `images[class_offsets[c]:class_offsets[c] + class_counts[c]]`.
 
     Attributes:
-      images: float32 (num_images, height, width, channels), values in [0, 1].
+      images: (num_images, height, width, channels), float32 in [0, 1], or
+        uint8 in 0..255 that episodes read as value / 255 (a quarter of the
+        memory, for natural images decoded from 8-bit files).
       class_offsets: int64 (num_classes,), index of each class's first image.
       class_counts: int64 (num_classes,), number of images of each class.
       class_names: one name per class, e.g. "images_background/Latin/character01".
@@ -45,9 +49,9 @@ class ClassImages:
     class_names: list[str]
 
     def __post_init__(self):
-        if self.images.ndim != 4 or self.images.dtype != np.float32:
+        if self.images.ndim != 4 or self.images.dtype not in (np.float32, np.uint8):
             raise ValueError(
-                "images must be float32 (num_images, height, width, channels), "
+                "images must be float32 or uint8 (num_images, height, width, channels), "
                 f"got {self.images.dtype} {self.images.shape}")
         num_classes = len(self.class_names)
         if num_classes == 0:
@@ -69,6 +73,10 @@ class ClassImages:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.images.shape[1:])
+
     def images_of(self, class_index: int) -> np.ndarray:
         """The images of one class, (class_counts[class_index], H, W, C), a view."""
         start = self.class_offsets[class_index]
@@ -86,7 +94,7 @@ class ClassImages:
 
 def from_class_arrays(arrays: Sequence[np.ndarray],
                       class_names: Sequence[str]) -> ClassImages:
-    """Packs one (count, H, W, C) float32 array per class into a ClassImages."""
+    """Packs one (count, H, W, C) float32 or uint8 array per class into a ClassImages."""
     if not arrays or len(arrays) != len(class_names):
         raise ValueError(
             f"{len(arrays)} image arrays for {len(class_names)} class names; "
@@ -173,14 +181,14 @@ class ImageCache:
 
     def write(self, class_images: ClassImages) -> None:
         """Writes the cache; a failure costs only speed next time, so it is logged."""
-        path = self.paths[0] if _is_writable(self.data_dir) else self.paths[1]
+        path = self.paths[0] if is_writable(self.data_dir) else self.paths[1]
         try:
             write_npz(class_images, path)
         except OSError as error:
             logging.warning("Could not write cache %s (%s).", path, error)
 
 
-def _is_writable(directory: pathlib.Path) -> bool:
+def is_writable(directory: pathlib.Path) -> bool:
     """Whether to write there: the OS allows it and its mode is not read-only.
 
     The mode bits are consulted too because root may write anywhere, yet a

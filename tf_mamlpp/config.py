@@ -13,16 +13,27 @@ import os
 SHIPPED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets")
 
 # Per-dataset settings of the paper (section 5) and its reference implementation.
+# Mini-ImageNet cannot be shipped (ImageNet's licence): its data_dir is where
+# a user is told to put it. "folder" (any folder of class folders) takes the
+# paper's natural-image settings, with the channels read from the images
+# (None) and no data_dir (--data_dir is required).
 PAPER_DEFAULTS = {
     "omniglot": {"filters": 64, "batch_size": 8, "query": 1, "inner_lr": 0.1,
-                 "image_size": 28, "channels": 1,
+                 "image_size": 28, "channels": 1, "augment": True,
                  "data_dir": os.path.join(SHIPPED_DATA, "omniglot")},
+    "mini_imagenet": {"filters": 48, "batch_size": 2, "query": 15, "inner_lr": 0.01,
+                      "inner_steps": 5, "image_size": 84, "channels": 3, "augment": False,
+                      "data_dir": os.path.join(SHIPPED_DATA, "mini_imagenet")},
+    "folder": {"filters": 48, "batch_size": 2, "query": 15, "inner_lr": 0.01,
+               "inner_steps": 5, "image_size": 84, "channels": None, "augment": False,
+               "data_dir": None},
 }
 
-# Settings that change the network or the task, so a checkpoint of one run
-# cannot continue under another.
+# Settings that change the network, the task or what an iteration count means,
+# so a checkpoint of one run cannot continue under another.
 ARCHITECTURE_FIELDS = ("dataset", "way", "shot", "filters", "num_stages", "inner_steps",
-                       "image_size", "channels", "bnrs", "bnwb", "lslr")
+                       "image_size", "channels", "bnrs", "bnwb", "lslr", "iters_per_epoch",
+                       "batch_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +49,9 @@ class ExperimentConfig:
     batch_size: int = 8
     image_size: int = 28
     channels: int = 1
+    augment: bool = True
+    split_ratios: str | None = None
+    in_memory_limit_gb: float = 4.0
     filters: int = 64
     num_stages: int = 4
     inner_steps: int = 5

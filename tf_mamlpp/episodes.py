@@ -5,6 +5,12 @@ stateless random ops: a run resumed at iteration `it` rebuilds its stream with
 `start_index = it * tasks_per_batch`, and a validation or test set of
 `num_tasks` tasks is the same set every time it is built, without storing it.
 Give train, validation and test streams different seeds.
+
+The classes and images of a task are drawn by TensorFlow ops from the class
+sizes alone; only reading the drawn pixels depends on where the images are:
+a gather from one in-memory tensor (`ClassImages`) or a read of the
+memory-mapped cache files (`MappedClassImages`). The two forms of one data set
+therefore give identical tasks.
 """
 
 import dataclasses
@@ -13,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_mamlpp.class_images import ClassImages
+from tf_mamlpp.mapped_class_images import MappedClassImages
 
 _NUM_RANDOM_STREAMS = 3  # classes, images, rotations
 
@@ -26,8 +33,8 @@ class EpisodeSpec:
     query: int
 
 
-def episode_dataset(class_images: ClassImages, spec: EpisodeSpec, tasks_per_batch: int,
-                    seed: int, augment: bool, start_index: int = 0,
+def episode_dataset(class_images: ClassImages | MappedClassImages, spec: EpisodeSpec,
+                    tasks_per_batch: int, seed: int, augment: bool, start_index: int = 0,
                     num_tasks: int | None = None) -> tf.data.Dataset:
     """A dataset of batches of tasks sampled from `class_images`.
 
@@ -41,7 +48,7 @@ def episode_dataset(class_images: ClassImages, spec: EpisodeSpec, tasks_per_batc
     class or image.
 
     Args:
-      class_images: the classes of one split.
+      class_images: the classes of one split, in memory or memory-mapped.
       spec: way, shot and query.
       tasks_per_batch: tasks per element (meta-batch size).
       seed: names the stream.
@@ -54,24 +61,22 @@ def episode_dataset(class_images: ClassImages, spec: EpisodeSpec, tasks_per_batc
       A tf.data.Dataset of dicts, B = tasks_per_batch (fewer in a final batch):
       support_images (B, way*shot, H, W, C) float32, support_labels
       (B, way*shot) int32, target_images (B, way*query, H, W, C) float32,
-      target_labels (B, way*query) int32; images class after class.
+      target_labels (B, way*query) int32; images class after class, in [0, 1]
+      (uint8 images are divided by 255).
 
     Raises:
       ValueError: a count is not positive or does not fit the data, naming the flag.
     """
     _check_arguments(class_images, spec, tasks_per_batch, augment, start_index, num_tasks)
-    # Made once, eagerly: the map function captures this tensor by reference
-    # instead of embedding a copy of the array in its graph.
-    images = tf.constant(class_images.images)
-    offsets = tf.constant(class_images.class_offsets)
+    read_images = _image_reader(class_images, spec)
     counts = tf.constant(class_images.class_counts)
     num_classes = class_images.num_classes
     max_count = int(class_images.class_counts.max())
 
     def make_task(index):
         task_seed = tf.stack([tf.constant(seed, tf.int64), index])
-        return _sample_task(images, offsets, counts, num_classes, max_count, spec, augment,
-                            task_seed)
+        return _sample_task(read_images, counts, num_classes, max_count,
+                            class_images.image_shape, spec, augment, task_seed)
 
     if num_tasks is None:
         indices = tf.data.Dataset.counter(start_index)
@@ -98,13 +103,44 @@ def _check_arguments(class_images, spec, tasks_per_batch, augment, start_index, 
         raise ValueError(f"num_tasks={num_tasks}: must be at least 1, or None for endless")
     if start_index < 0 or (num_tasks is not None and start_index > num_tasks):
         raise ValueError(f"start_index={start_index}: must lie in 0..num_tasks ({num_tasks})")
-    height, width = class_images.images.shape[1:3]
+    height, width = class_images.image_shape[:2]
     if augment and height != width:
         raise ValueError(f"--augment rotates by 90 degrees and needs square images, "
                          f"got {height}x{width}")
 
 
-def _sample_task(images, offsets, counts, num_classes, max_count, spec, augment, task_seed):
+def _image_reader(class_images, spec):
+    """The function that reads a task's drawn images, as float32 in [0, 1].
+
+    It maps the drawn classes (way,) and image indices within each class
+    (way, shot+query) to the images (way, shot+query, H, W, C).
+    """
+    shape = [spec.way, spec.shot + spec.query, *class_images.image_shape]
+    if isinstance(class_images, MappedClassImages):
+        def read(classes, picks):
+            images = tf.numpy_function(class_images.gather, [classes, picks], tf.uint8,
+                                       stateful=False)
+            return tf.ensure_shape(images, shape)
+    else:
+        # Made once, eagerly: the map function captures these tensors by
+        # reference instead of embedding a copy of the array in its graph.
+        all_images = tf.constant(class_images.images)
+        offsets = tf.constant(class_images.class_offsets)
+
+        def read(classes, picks):
+            return tf.gather(all_images, tf.gather(offsets, classes)[:, tf.newaxis] + picks)
+
+    def read_unit_range(classes, picks):
+        images = read(classes, picks)
+        if images.dtype == tf.uint8:
+            return tf.cast(images, tf.float32) / 255.0
+        return images
+
+    return read_unit_range
+
+
+def _sample_task(read_images, counts, num_classes, max_count, image_shape, spec, augment,
+                 task_seed):
     """One task's dict of unbatched tensors; see `episode_dataset`."""
     class_seed, image_seed, rotation_seed = tf.unstack(
         tf.random.experimental.stateless_split(task_seed, _NUM_RANDOM_STREAMS))
@@ -112,12 +148,11 @@ def _sample_task(images, offsets, counts, num_classes, max_count, spec, augment,
                                spec.way)[0]  # (way,)
     picks = _random_distinct(image_seed, tf.gather(counts, classes), max_count,
                              spec.shot + spec.query)  # (way, shot+query), within each class
-    task_images = tf.gather(images, tf.gather(offsets, classes)[:, tf.newaxis] + picks)
+    task_images = read_images(classes, picks)  # (way, shot+query, H, W, C)
     if augment:
         turns = tf.random.stateless_uniform([spec.way], rotation_seed, minval=0, maxval=4,
                                             dtype=tf.int32)
         task_images = _rotate_classes(task_images, turns)
-    image_shape = images.shape[1:]
     labels = tf.range(spec.way, dtype=tf.int32)
     return {
         "support_images": tf.reshape(task_images[:, :spec.shot],

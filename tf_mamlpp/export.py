@@ -57,9 +57,13 @@ class AdaptingModel(tf.Module):
         Returns:
           {"logits": (queries, way), "probabilities": (queries, way)}.
         """
+        support_images = self._check_image_shape(support_images)
+        query_images = self._check_image_shape(query_images)
         checks = [
             tf.debugging.assert_positive(
                 tf.size(support_labels), message="the support set is empty"),
+            tf.debugging.assert_positive(
+                tf.shape(query_images)[0], message="query_images is empty"),
             tf.debugging.assert_equal(
                 tf.shape(support_images)[0], tf.shape(support_labels)[0],
                 message="support_images and support_labels differ in length"),
@@ -81,8 +85,13 @@ class AdaptingModel(tf.Module):
         logits = result["logits"][0]
         return {"logits": logits, "probabilities": tf.nn.softmax(logits)}
 
+    def _check_image_shape(self, images):
+        """A loaded signature checks dtypes but not shapes; this names the expected size."""
+        return tf.ensure_shape(images, (None, *self.network.image_shape))
+
     def _embed(self, images):
         """Features before the head under the meta-learned initialisation: (n, features)."""
+        images = self._check_image_shape(images)
         features, _ = self.network.embed(
             images[tf.newaxis], self.network.initial_fast_weights(), 0, self.bn_mode)
         return {"features": features[0]}

@@ -5,9 +5,12 @@ so a run killed at any moment leaves a directory it can resume from, and a
 bad command never overwrites what an earlier run wrote.
 """
 
+import contextlib
 import json
 import os
 import pathlib
+import re
+import shutil
 import tempfile
 
 import tensorflow as tf
@@ -17,6 +20,7 @@ from tf_mamlpp.config import ExperimentConfig
 CONFIG = "config.json"
 HISTORY = "history.json"
 BEST = "best.json"
+PARTIAL_EPOCH = "partial_epoch.json"
 
 
 class RunDirectoryError(ValueError):
@@ -35,6 +39,20 @@ def write_json_atomically(path, value):
                                      delete=False) as temporary:
         temporary.write(json.dumps(value, indent=2, sort_keys=True))
     os.replace(temporary.name, path)
+
+
+def _reason(error):
+    """Why a write failed, e.g. "File too large", from an OSError or TensorFlow's message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return _first_line(error).rsplit("; ", 1)[-1]
+
+
+def _first_line(error):
+    """An exception's message, first line only (TensorFlow's run to many)."""
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:[^\]]*\]", "", message)  # TensorFlow's op tags
+    return message.strip().splitlines()[0]
 
 
 class RunDirectory:
@@ -64,7 +82,8 @@ class RunDirectory:
 
         Raises:
           RunDirectoryError: the existing run was made with another network or
-            task, naming the differing flags; nothing is written.
+            task, naming the differing flags (nothing is written), or the
+            directory cannot be written.
         """
         path = pathlib.Path(logdir) / name
         if fresh:
@@ -83,8 +102,12 @@ class RunDirectory:
                 raise RunDirectoryError(
                     f"{path} holds a run with other settings: {flags}; pass --fresh to start "
                     f"a new run, or --experiment=NAME for another directory")
-        path.mkdir(parents=True, exist_ok=True)
-        write_json_atomically(config_file, json.loads(config.to_json()))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            write_json_atomically(config_file, json.loads(config.to_json()))
+        except OSError as error:
+            raise RunDirectoryError(f"{path}: cannot write the run directory "
+                                    f"({error.strerror or error}); check --logdir") from error
         return cls(path, keep_best)
 
     @classmethod
@@ -105,11 +128,30 @@ class RunDirectory:
                                           max_to_keep=2)
 
     def restore_latest(self, checkpoint):
-        """Restores the newest checkpoint into `checkpoint`; returns whether there was one."""
+        """Restores the newest checkpoint into `checkpoint`; returns whether there was one.
+
+        Raises:
+          RunDirectoryError: the checkpoint is corrupt, truncated, or holds
+            another network's variables, naming it and what to do.
+        """
         latest = tf.train.latest_checkpoint(self.path / "checkpoints" / "latest")
         if latest is None:
             return False
-        checkpoint.restore(latest).assert_existing_objects_matched()
+        remedy = "pass --fresh to start a new run beside this one"
+        try:
+            status = checkpoint.restore(latest)
+        except (tf.errors.OpError, IndexError) as error:  # IndexError: a truncated data file
+            raise RunDirectoryError(f"{latest}: corrupt or truncated checkpoint "
+                                    f"({_first_line(error)}); {remedy}") from error
+        except ValueError as error:  # a variable of another shape
+            raise RunDirectoryError(f"{latest}: checkpoint of another network "
+                                    f"({_first_line(error)[:200]}); {remedy}") from error
+        try:
+            status.assert_existing_objects_matched()
+        except AssertionError as error:
+            status.expect_partial()  # the error says it all; no warnings at exit
+            raise RunDirectoryError(f"{latest}: checkpoint of another network or program "
+                                    f"({_first_line(error).split('. ')[0]}); {remedy}") from error
         return True
 
     def read_history(self, epochs=None):
@@ -119,35 +161,91 @@ class RunDirectory:
         return history if epochs is None else history[:epochs]
 
     def save_checkpoint(self, checkpoint, iteration):
-        """Writes the latest checkpoint, numbered by the meta-iterations done."""
-        self._manager(checkpoint).save(checkpoint_number=iteration)
+        """Writes the latest checkpoint, numbered by the meta-iterations done.
+
+        Raises:
+          RunDirectoryError: it cannot be written (a full disk); the previous
+            checkpoint stays the latest, and loadable.
+        """
+        with self._reporting_write_errors(f"the checkpoint of iteration {iteration}"):
+            self._manager(checkpoint).save(checkpoint_number=iteration)
 
     def save_epoch(self, checkpoint, iteration, history):
         """Writes the history and the end-of-epoch checkpoint, and keeps the best ones.
 
-        The history goes first: a run killed between the two resumes from the
-        previous checkpoint and cuts the history back to it.
+        The history goes first and the latest checkpoint last: a run killed
+        before that resumes from the previous checkpoint, cuts the history back
+        to it and runs the epoch again, replacing its best-checkpoint entry.
+
+        Raises:
+          RunDirectoryError: a file cannot be written (a full disk); the
+            previous checkpoint stays the latest, and loadable.
         """
-        write_json_atomically(self.path / HISTORY, history)
-        self.save_checkpoint(checkpoint, iteration)
-        self._keep_if_best(checkpoint, history[-1]["epoch"], history[-1]["val_accuracy"])
+        with self._reporting_write_errors(f"epoch {history[-1]['epoch']}"):
+            write_json_atomically(self.path / HISTORY, history)
+            self._keep_if_best(checkpoint, history[-1]["epoch"], history[-1]["val_accuracy"])
+            self.save_checkpoint(checkpoint, iteration)
+
+    @contextlib.contextmanager
+    def _reporting_write_errors(self, what):
+        """Turns a failed write into a one-line RunDirectoryError and removes its debris.
+
+        TensorFlow writes a checkpoint into `<prefix>_temp/` and renames it
+        into place, and the checkpoint list is updated last, so a failed save
+        leaves the previous checkpoint in force; only the temporary folder is
+        left to remove.
+        """
+        try:
+            yield
+        except (tf.errors.OpError, OSError) as error:
+            for temporary in (self.path / "checkpoints").glob("*/*_temp"):
+                shutil.rmtree(temporary, ignore_errors=True)
+            raise RunDirectoryError(
+                f"{self.path}: cannot write {what} ({_reason(error)}); the previous checkpoint "
+                "is kept: free space there and run the same command again to resume") from error
 
     def best_checkpoints(self):
-        """[(val_accuracy, epoch, prefix)] of the kept checkpoints, best first."""
+        """[(val_accuracy, epoch, prefix)] of the kept checkpoints, best first.
+
+        Prefixes are relative to the run directory; `checkpoint_path` resolves one.
+        """
         file = self.path / BEST
         return [tuple(entry) for entry in json.loads(file.read_text())] if file.exists() else []
 
+    def checkpoint_path(self, prefix):
+        """The absolute checkpoint prefix of a `best_checkpoints` entry."""
+        return str(self.path / prefix)
+
+    def write_partial_epoch(self, iteration, sums, count):
+        """Keeps the training figures of an epoch stopped at `iteration`, for its resumption."""
+        write_json_atomically(self.path / PARTIAL_EPOCH,
+                              {"iteration": iteration, "sums": sums, "count": count})
+
+    def read_partial_epoch(self, iteration):
+        """(sums, count) written by `write_partial_epoch` at `iteration`, else ({}, 0)."""
+        file = self.path / PARTIAL_EPOCH
+        if file.exists():
+            partial = json.loads(file.read_text())
+            if partial["iteration"] == iteration:
+                return partial["sums"], partial["count"]
+        return {}, 0
+
     def _keep_if_best(self, checkpoint, epoch, val_accuracy):
-        best = self.best_checkpoints()
+        # An epoch run again after a kill replaces its earlier entry.
+        best = [entry for entry in self.best_checkpoints() if entry[1] != epoch]
         # Ties go to the earlier epoch, which was seen first.
         ranked = sorted(best + [(val_accuracy, epoch, None)], key=lambda e: (-e[0], e[1]))
         if (val_accuracy, epoch, None) not in ranked[:self.keep_best]:
             return
-        prefix = checkpoint.write(str(self.path / "checkpoints" / "best" / f"epoch_{epoch:04d}"))
-        kept = [(a, e, prefix if p is None else p) for a, e, p in ranked[:self.keep_best]]
+        name = f"epoch_{epoch:04d}"
+        checkpoint.write(str(self.path / "checkpoints" / "best" / name))
+        # Prefixes relative to the run, so a moved or copied run still finds them.
+        kept = [(a, e, f"checkpoints/best/{name}" if p is None else p)
+                for a, e, p in ranked[:self.keep_best]]
         write_json_atomically(self.path / BEST, kept)
         for _, _, dropped in ranked[self.keep_best:]:
-            for file in pathlib.Path(dropped).parent.glob(pathlib.Path(dropped).name + ".*"):
+            dropped = self.path / dropped
+            for file in dropped.parent.glob(dropped.name + ".*"):
                 file.unlink()
 
     def write_json(self, name, value):

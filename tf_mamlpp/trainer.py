@@ -118,6 +118,9 @@ class Trainer:
             history.append(record)
             if self.is_chief:
                 self.run_dir.save_epoch(self.checkpoint, self.iterations_done, history)
+            if self.stop_requested and epoch + 1 < config.epochs:
+                raise TrainingInterrupted(f"stopped after epoch {epoch + 1}; checkpoint written "
+                                          f"to {self.run_dir.path}")
         logging.info("parameter fingerprint %s", self.parameter_fingerprint())
         if not self.is_chief:
             return None
@@ -136,7 +139,8 @@ class Trainer:
         self._write_schedule_summaries(self.iterations_done, weights, second_order)
         first = self.iterations_done - epoch * config.iters_per_epoch
         progress = Progress(config.iters_per_epoch - first, f"epoch {epoch + 1}/{config.epochs}")
-        sums = {}
+        # An epoch resumed after a stop continues the figures of its first part.
+        sums, counted = self.run_dir.read_partial_epoch(self.iterations_done) if first else ({}, 0)
         for iteration in range(first, config.iters_per_epoch):
             started = time.monotonic()
             figures = {name: float(value) for name, value in self.meta_learner.train_step(
@@ -146,16 +150,18 @@ class Trainer:
             self._write_training_summaries(self.iterations_done, figures)
             for name, value in figures.items():
                 sums[name] = sums.get(name, 0.0) + value
+            counted += 1
             progress.update(loss=figures["loss"], acc=figures["accuracy"])
-            if self.stop_requested:
+            # A stop at the last iteration lets the epoch validate and save first.
+            if self.stop_requested and iteration + 1 < config.iters_per_epoch:
                 progress.close()
                 if self.is_chief:
+                    self.run_dir.write_partial_epoch(self.iterations_done, sums, counted)
                     self.run_dir.save_checkpoint(self.checkpoint, self.iterations_done)
                 raise TrainingInterrupted(
                     f"stopped at epoch {epoch + 1}, iteration {iteration + 1}; checkpoint "
                     f"written to {self.run_dir.path}")
         progress.close()
-        counted = config.iters_per_epoch - first
         return {"epoch": epoch + 1, "second_order": second_order, "multi_step": multi_step,
                 **{f"train_{name}": total / counted for name, total in sums.items()}}
 
@@ -242,7 +248,8 @@ class Trainer:
             raise ValueError(f"{self.run_dir.path} has no validated checkpoint to test yet")
         models, probabilities = [], []
         for val_accuracy, epoch, prefix in best:
-            tf.train.Checkpoint(network=self.network).read(prefix).expect_partial()
+            tf.train.Checkpoint(network=self.network).read(
+                self.run_dir.checkpoint_path(prefix)).expect_partial()
             result = self.evaluate_split("test", config.test_tasks)
             mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
             models.append({"epoch": epoch, "val_accuracy": val_accuracy,
@@ -266,7 +273,8 @@ class Trainer:
         best = self.run_dir.best_checkpoints()
         if not best:
             raise ValueError(f"{self.run_dir.path} has no validated checkpoint to export yet")
-        tf.train.Checkpoint(network=self.network).read(best[0][2]).expect_partial()
+        tf.train.Checkpoint(network=self.network).read(
+            self.run_dir.checkpoint_path(best[0][2])).expect_partial()
         path = export.export(self.network, self.config.eval_inner_steps,
                              BN_EVAL_MODES[self.config.bn_eval], export_dir)
         logging.info("exported the epoch-%d model to %s", best[0][1], path)

@@ -1,0 +1,328 @@
+"""Specification of tf_mamlpp.export: a SavedModel that adapts, usable without this package.
+
+A tiny run is trained in-process (its training exports the best checkpoint
+to run/export); a separate Python process that never imports tf_mamlpp loads
+that SavedModel and adapts it to a real Omniglot episode, and its outputs must
+equal the in-process `AdaptingModel`'s at two numbers of query images. The
+subprocesses (the loader, `main.py --mode=export`, `saved_model_cli`) run
+side by side.
+"""
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_mamlpp import config as config_module
+from tf_mamlpp import export
+from tf_mamlpp.per_step_batch_norm import BATCH
+from tf_mamlpp.run_directory import RunDirectory
+from tf_mamlpp.trainer import Trainer, build_network
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WAY, FILTERS, INNER_STEPS = 3, 8, 2
+QUERY_COUNTS = (3, 7)
+
+# Runs in a clean process: only TensorFlow and numpy, from a folder where
+# tf_mamlpp is not importable by path.
+LOADER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+
+    export_dir, episode_file, out_dir = sys.argv[1:]
+    model = tf.saved_model.load(export_dir)
+    adapt = model.signatures["adapt_and_predict"]
+    embed = model.signatures["embed"]
+    episode = dict(np.load(episode_file))
+    arrays, errors = {}, {}
+    for n in (3, 7):
+        out = adapt(support_images=tf.constant(episode["support_images"]),
+                    support_labels=tf.constant(episode["support_labels"]),
+                    query_images=tf.constant(episode["query_images"][:n]))
+        arrays[f"logits_{n}"] = out["logits"].numpy()
+        arrays[f"probabilities_{n}"] = out["probabilities"].numpy()
+    arrays["features"] = embed(images=tf.constant(episode["query_images"]))["features"].numpy()
+
+    def error_of(name, call):
+        try:
+            call()
+            errors[name] = None
+        except Exception as error:  # recorded for the test to judge
+            errors[name] = type(error).__name__ + ": " + str(error)
+
+    def adapt_on(support_images, support_labels, query_images):
+        return lambda: adapt(support_images=tf.constant(support_images),
+                             support_labels=tf.constant(support_labels),
+                             query_images=tf.constant(query_images))
+
+    images, labels, queries = (episode["support_images"], episode["support_labels"],
+                               episode["query_images"][:3])
+    error_of("label_too_large", adapt_on(images, np.array([0, 1, 3], np.int32), queries))
+    error_of("label_negative", adapt_on(images, np.array([0, -1, 2], np.int32), queries))
+    error_of("empty_support", adapt_on(images[:0], labels[:0], queries))
+    error_of("empty_query", adapt_on(images, labels, queries[:0]))
+    error_of("labels_and_images_differ", adapt_on(images, labels[:2], queries))
+    error_of("int64_labels", adapt_on(images, labels.astype(np.int64), queries))
+    # 30x30 pools to 1x1 like 28x28 does; 32x32 to 2x2.
+    error_of("adapt_30x30", adapt_on(np.zeros((3, 30, 30, 1), np.float32), labels,
+                                     np.zeros((3, 30, 30, 1), np.float32)))
+    error_of("adapt_queries_32x32", adapt_on(images, labels, np.zeros((3, 32, 32, 1), np.float32)))
+    error_of("embed_30x30", lambda: embed(images=tf.zeros((3, 30, 30, 1))))
+    error_of("embed_32x32", lambda: embed(images=tf.zeros((3, 32, 32, 1))))
+    np.savez(out_dir + "/outputs.npz", **arrays)
+    with open(out_dir + "/report.json", "w") as file:
+        json.dump({"errors": errors, "way": int(model.way.numpy()),
+                   "image_shape": [int(d) for d in model.image_shape.numpy()],
+                   "tf_mamlpp_imported": any(name.startswith("tf_mamlpp")
+                                             for name in sys.modules)}, file)
+""")
+
+
+def run(command, cwd=REPO, env=None):
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def main_py(*flags):
+    return run([sys.executable, str(REPO / "main.py"), *flags])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A run trained for 4 meta-iterations; its best checkpoint is exported to run/export."""
+    config = config_module.resolve(
+        "omniglot", way=WAY, shot=1, inner_steps=INNER_STEPS, filters=FILTERS, batch_size=2,
+        iters_per_epoch=4, epochs=1, val_tasks=4, test_tasks=4, second_order=False)
+    run_dir = RunDirectory.open(tmp_path_factory.mktemp("runs"), "run", config)
+    trainer = Trainer(config, run_dir)
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def adapting_model(trained):
+    """The in-process AdaptingModel of the exported (best) checkpoint."""
+    network = build_network(trained.config)
+    best_prefix = trained.run_dir.best_checkpoints()[0][2]
+    tf.train.Checkpoint(network=network).read(
+        trained.run_dir.checkpoint_path(best_prefix)).expect_partial()
+    return export.AdaptingModel(network, trained.config.eval_inner_steps, BATCH)
+
+
+@pytest.fixture(scope="module")
+def episode(trained, tmp_path_factory):
+    """A 3-way 1-shot episode of unseen (test split) Omniglot characters, 7 queries."""
+    test_images = trained.splits["test"]
+    support, queries = [], []
+    for label, count in zip(range(WAY), (3, 2, 2)):
+        images = test_images.images_of(label)
+        support.append(images[0])
+        queries += list(images[1:1 + count])
+    episode = {"support_images": np.stack(support).astype(np.float32),
+               "support_labels": np.arange(WAY, dtype=np.int32),
+               "query_images": np.stack(queries).astype(np.float32)}
+    path = tmp_path_factory.mktemp("episode") / "episode.npz"
+    np.savez(path, **episode)
+    return episode, path
+
+
+def load_elsewhere(export_dir, episode_file, out_dir):
+    """The LOADER in a fresh Python, run from a folder outside the repository."""
+    script = out_dir / "load_export.py"
+    script.write_text(LOADER)
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    completed = run([sys.executable, str(script), str(export_dir), str(episode_file),
+                     str(out_dir)], cwd=out_dir, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return (dict(np.load(out_dir / "outputs.npz")),
+            json.loads((out_dir / "report.json").read_text()))
+
+
+def export_twice_through_main(run_dir, export_dir):
+    """`main.py --mode=export` into a new folder, then again into the same, now full, one."""
+    flags = ["--mode=export", f"--logdir={run_dir.parent}", f"--experiment={run_dir.name}",
+             f"--export_dir={export_dir}"]
+    first = main_py(*flags)
+    listing = sorted(path.relative_to(export_dir) for path in export_dir.rglob("*"))
+    second = main_py(*flags)
+    return first, listing, second
+
+
+@pytest.fixture(scope="module")
+def subprocesses(trained, episode, tmp_path_factory):
+    """The slow outside views of the export, started together: name -> future."""
+    export_dir = trained.run_dir.path / "export"
+    work = tmp_path_factory.mktemp("outside")
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
+    futures = {
+        "loaded": pool.submit(load_elsewhere, export_dir, episode[1], work),
+        "main_export": pool.submit(export_twice_through_main, trained.run_dir.path,
+                                   work / "exported_by_main"),
+    }
+    cli = shutil.which("saved_model_cli")
+    if cli:
+        futures["saved_model_cli"] = pool.submit(
+            run, [cli, "show", "--dir", str(export_dir), "--all"])
+    yield futures
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def loaded(subprocesses):
+    return subprocesses["loaded"].result(timeout=600)
+
+
+def in_process(adapting_model, episode, num_queries):
+    out = adapting_model.adapt_and_predict(
+        tf.constant(episode["support_images"]), tf.constant(episode["support_labels"]),
+        tf.constant(episode["query_images"][:num_queries]))
+    return {name: value.numpy() for name, value in out.items()}
+
+
+def test_loading_needs_no_tf_mamlpp(loaded):
+    _, report = loaded
+    assert report["tf_mamlpp_imported"] is False
+    assert report["way"] == WAY
+    assert report["image_shape"] == [28, 28, 1]
+
+
+@pytest.mark.parametrize("num_queries", QUERY_COUNTS)
+def test_loaded_model_adapts_as_the_in_process_model(loaded, adapting_model, episode,
+                                                     num_queries):
+    arrays, _ = loaded
+    expected = in_process(adapting_model, episode[0], num_queries)
+    assert arrays[f"logits_{num_queries}"].shape == (num_queries, WAY)
+    np.testing.assert_allclose(arrays[f"logits_{num_queries}"], expected["logits"],
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(arrays[f"probabilities_{num_queries}"],
+                               expected["probabilities"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(arrays[f"probabilities_{num_queries}"].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_adaptation_changes_the_prediction(adapting_model, episode):
+    """The signature adapts: other support labels give other predictions."""
+    images = episode[0]
+    permuted = dict(images, support_labels=np.array([1, 2, 0], np.int32))
+    original = in_process(adapting_model, images, 7)["probabilities"]
+    relabelled = in_process(adapting_model, permuted, 7)["probabilities"]
+    assert not np.allclose(original, relabelled, atol=1e-3)
+
+
+def test_embed_returns_features_of_each_image(loaded, adapting_model, episode):
+    arrays, _ = loaded
+    features = arrays["features"]
+    # 28 pooled four times is 1x1, times 8 filters.
+    assert features.shape == (7, adapting_model.network.feature_size) == (7, FILTERS)
+    expected = adapting_model.embed(tf.constant(episode[0]["query_images"]))["features"]
+    np.testing.assert_allclose(features, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["label_too_large", "label_negative"])
+def test_labels_out_of_range_are_refused(loaded, case):
+    _, report = loaded
+    error = report["errors"][case]
+    assert error is not None and "support_labels must be in [0, way)" in error
+
+
+def test_empty_support_set_is_refused(loaded):
+    error = loaded[1]["errors"]["empty_support"]
+    assert error is not None and "the support set is empty" in error
+
+
+def test_labels_and_images_of_different_lengths_are_refused(loaded):
+    error = loaded[1]["errors"]["labels_and_images_differ"]
+    assert error is not None and "differ in length" in error
+
+
+def test_empty_query_set_is_refused_naming_the_queries(loaded):
+    error = loaded[1]["errors"]["empty_query"]
+    assert error is not None and "query_images" in error
+
+
+def test_labels_of_another_dtype_are_refused(loaded):
+    assert loaded[1]["errors"]["int64_labels"] is not None
+
+
+@pytest.mark.parametrize("case", ["adapt_30x30", "adapt_queries_32x32", "embed_30x30",
+                                  "embed_32x32"])
+def test_images_of_another_size_are_refused_naming_the_expected_size(loaded, case):
+    """The loaded signatures check dtypes but not shapes: the model must check sizes
+    itself, or 30x30 images (which pool to 1x1 like 28x28) get an answer and
+    32x32 ones get a wrong number of rows (embed) or an error about softmax."""
+    error = loaded[1]["errors"][case]
+    assert error is not None, f"{case}: answered instead of refusing"
+    assert "28" in error, error
+
+
+def test_export_into_a_non_empty_folder_is_refused_and_keeps_its_files(adapting_model,
+                                                                       tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "saved_model.pb").write_bytes(b"an earlier export")
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(export.ExportError, match="not empty"):
+        export.export(adapting_model.network, INNER_STEPS, BATCH, target)
+    assert sorted(path.name for path in target.iterdir()) == ["notes.txt", "saved_model.pb"]
+    assert (target / "saved_model.pb").read_bytes() == b"an earlier export"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_export_into_an_empty_folder_leaves_no_staging_behind(adapting_model, tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    assert export.export(adapting_model.network, INNER_STEPS, BATCH, target) == target
+    assert (target / "saved_model.pb").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_training_exported_the_best_checkpoint_and_no_staging_is_left(trained):
+    names = [path.name for path in trained.run_dir.path.iterdir()]
+    assert "export" in names
+    assert not [name for name in names if name.startswith(".export-")]
+
+
+def test_main_export_writes_a_loadable_model_of_the_best_checkpoint(subprocesses,
+                                                                    adapting_model, episode):
+    first, listing, _ = subprocesses["main_export"].result(timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    export_dir = pathlib.Path(first.stdout.strip().splitlines()[-1].removeprefix("exported to "))
+    assert pathlib.Path("saved_model.pb") in listing
+    model = tf.saved_model.load(str(export_dir))
+    images = episode[0]
+    out = model.signatures["adapt_and_predict"](
+        support_images=tf.constant(images["support_images"]),
+        support_labels=tf.constant(images["support_labels"]),
+        query_images=tf.constant(images["query_images"][:3]))
+    np.testing.assert_allclose(out["logits"].numpy(),
+                               in_process(adapting_model, images, 3)["logits"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_main_export_into_a_non_empty_folder_is_a_one_line_error(subprocesses):
+    first, listing, second = subprocesses["main_export"].result(timeout=600)
+    assert second.returncode == 2
+    assert "Traceback" not in second.stderr
+    error = second.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "--export_dir" in error and "not empty" in error
+    export_dir = pathlib.Path(first.stdout.strip().splitlines()[-1].removeprefix("exported to "))
+    assert sorted(path.relative_to(export_dir) for path in export_dir.rglob("*")) == listing
+
+
+def test_saved_model_cli_lists_both_signatures(subprocesses):
+    if "saved_model_cli" not in subprocesses:
+        pytest.skip("saved_model_cli is not on PATH")
+    shown = subprocesses["saved_model_cli"].result(timeout=600)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    for name in ("adapt_and_predict", "embed"):
+        assert f"signature_def['{name}']" in shown.stdout
+    for name in ("support_images", "support_labels", "query_images", "probabilities",
+                 "logits", "features"):
+        assert name in shown.stdout

@@ -1,0 +1,160 @@
+"""Specification of `main.py --mode=adapt`: a new task from image folders, as a user runs it.
+
+A tiny model is trained through main.py for a few dozen meta-iterations and
+exported; the task's folders hold real Omniglot PNG files, taken unchanged
+from the shipped archive (105x105, resized by the command as in training),
+one sub-folder per character named after it. Every case is its own
+`python main.py` process; they run two at a time.
+"""
+
+import concurrent.futures
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ARCHIVE = REPO / "datasets" / "omniglot" / "images_evaluation.zip"
+WAY = 3
+# Three characters of three alphabets of the evaluation archive.
+CHARACTERS = ("Angelic/character01", "Glagolitic/character05", "Tibetan/character10")
+
+# 24 first-order meta-iterations of 3-way 1-shot tasks with 2 inner steps; the
+# export adapts with 5 (steps past the second reuse its rates and banks), which
+# fits the support set: in 24 random sets of 3 evaluation characters, every
+# support drawing queried back came out as its own class, with p > 0.85.
+TRAIN = ["--way=3", "--shot=1", "--inner_steps=2", "--eval_inner_steps=5", "--filters=8",
+         "--batch_size=2", "--iters_per_epoch=12", "--epochs=2", "--val_tasks=4",
+         "--test_tasks=4", "--second_order=false", "--experiment=run"]
+
+
+def main_py(*flags):
+    return subprocess.run([sys.executable, str(REPO / "main.py"), *flags], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+
+def class_name(character):
+    return character.replace("/", "-")
+
+
+def drawings(character):
+    """The 20 PNG files of one character in the shipped archive: [(name, bytes)]."""
+    with zipfile.ZipFile(ARCHIVE) as archive:
+        names = sorted(name for name in archive.namelist()
+                       if name.startswith(f"images_evaluation/{character}/")
+                       and name.endswith(".png"))
+        return [(pathlib.Path(name).name, archive.read(name)) for name in names]
+
+
+def write_support(folder, characters=CHARACTERS, shots=1):
+    for character in characters:
+        (folder / class_name(character)).mkdir(parents=True)
+        for name, png in drawings(character)[:shots]:
+            (folder / class_name(character) / name).write_bytes(png)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Support (one drawing per character) and the same drawings again as queries."""
+    root = tmp_path_factory.mktemp("task")
+    support = write_support(root / "support")
+    queries = root / "queries"
+    queries.mkdir()
+    truth = {}
+    for character in CHARACTERS:
+        name, png = drawings(character)[0]
+        (queries / f"{class_name(character)}_{name}").write_bytes(png)
+        truth[f"{class_name(character)}_{name}"] = class_name(character)
+    (queries / "README.txt").write_text("not an image; not looked at")
+    return {"root": root, "support": support, "queries": queries, "truth": truth}
+
+
+def adapt_flags(export_dir, support, query):
+    return ["--mode=adapt", f"--export_dir={export_dir}", f"--support_dir={support}",
+            f"--query_dir={query}"]
+
+
+def error_cases(root, support, queries):
+    """Folders a user may get wrong: name -> (support_dir, query_dir, words the error names)."""
+    two_classes = write_support(root / "two_classes", CHARACTERS[:2])
+    empty_class = write_support(root / "empty_class")
+    shutil.rmtree(empty_class / class_name(CHARACTERS[1]))
+    (empty_class / class_name(CHARACTERS[1])).mkdir()
+    (empty_class / class_name(CHARACTERS[1]) / "notes.txt").write_text("no drawing here")
+    corrupt = write_support(root / "corrupt")
+    (corrupt / class_name(CHARACTERS[2]) / "broken.png").write_bytes(b"not a png at all")
+    return {
+        "wrong number of classes": (two_classes, queries, ["--support_dir", "2", f"{WAY}-way"]),
+        "class without images": (empty_class, queries, [class_name(CHARACTERS[1]), "no images"]),
+        "file that is not an image": (corrupt, queries, ["broken.png", "not a readable image"]),
+        "missing support folder": (root / "nowhere", queries, ["--support_dir", "nowhere"]),
+        "missing query folder": (support, root / "nowhere", ["--query_dir", "nowhere"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def commands(folders, tmp_path_factory):
+    """Trains and exports, then runs every adapt command, two at a time.
+
+    Returns {"results": name -> CompletedProcess, "expected_words": name -> words}.
+    """
+    logdir = tmp_path_factory.mktemp("runs")
+    trained = main_py(f"--logdir={logdir}", *TRAIN)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    export_dir = logdir / "run" / "export"
+    errors = error_cases(folders["root"], folders["support"], folders["queries"])
+    cases = {"task": (folders["support"], folders["queries"]),
+             **{name: (support, queries) for name, (support, queries, _) in errors.items()}}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(
+                       main_py, "--mode=adapt", f"--export_dir={export_dir}",
+                       f"--support_dir={support}", f"--query_dir={queries}")
+                   for name, (support, queries) in cases.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    return {"results": results,
+            "expected_words": {name: words for name, (_, _, words) in errors.items()}}
+
+
+def parse(stdout):
+    """Lines 'file<TAB>class<TAB>probability' -> {file: (class, probability)}."""
+    rows = {}
+    for line in stdout.strip().splitlines():
+        name, predicted, probability = line.split("\t")
+        rows[name] = (predicted, float(probability))
+    return rows
+
+
+def test_one_line_per_query_file_with_a_class_of_the_support(commands, folders):
+    completed = commands["results"]["task"]
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = parse(completed.stdout)
+    assert sorted(rows) == sorted(folders["truth"])
+    classes = {class_name(character) for character in CHARACTERS}
+    for predicted, probability in rows.values():
+        assert predicted in classes
+        # The winning class of 3 has at least a third of the probability.
+        assert 1 / WAY - 1e-3 <= probability <= 1.0
+
+
+def test_the_support_drawings_themselves_get_their_own_class(commands, folders):
+    """Adapted on them, the model classifies its support drawings as labelled."""
+    rows = parse(commands["results"]["task"].stdout)
+    assert {name: predicted for name, (predicted, _) in rows.items()} == folders["truth"]
+
+
+@pytest.mark.parametrize("case", ["wrong number of classes", "class without images",
+                                  "file that is not an image", "missing support folder",
+                                  "missing query folder"])
+def test_bad_folders_are_a_one_line_error(commands, case):
+    completed = commands["results"][case]
+    assert completed.returncode == 2, completed.stdout
+    assert completed.stdout == ""
+    assert "Traceback" not in completed.stderr
+    error = completed.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ")
+    for word in commands["expected_words"][case]:
+        assert word in error, error
