@@ -137,22 +137,17 @@ class RunDirectory:
         latest = tf.train.latest_checkpoint(self.path / "checkpoints" / "latest")
         if latest is None:
             return False
-        remedy = "pass --fresh to start a new run beside this one"
-        try:
-            status = checkpoint.restore(latest)
-        except (tf.errors.OpError, IndexError) as error:  # IndexError: a truncated data file
-            raise RunDirectoryError(f"{latest}: corrupt or truncated checkpoint "
-                                    f"({_first_line(error)}); {remedy}") from error
-        except ValueError as error:  # a variable of another shape
-            raise RunDirectoryError(f"{latest}: checkpoint of another network "
-                                    f"({_first_line(error)[:200]}); {remedy}") from error
-        try:
-            status.assert_existing_objects_matched()
-        except AssertionError as error:
-            status.expect_partial()  # the error says it all; no warnings at exit
-            raise RunDirectoryError(f"{latest}: checkpoint of another network or program "
-                                    f"({_first_line(error).split('. ')[0]}); {remedy}") from error
+        _restore(checkpoint, latest, "pass --fresh to start a new run beside this one")
         return True
+
+    def restore_best(self, network, prefix):
+        """Restores the network of a `best_checkpoints` entry into `network`.
+
+        Raises:
+          RunDirectoryError: the checkpoint is missing, corrupt or foreign.
+        """
+        _restore(tf.train.Checkpoint(network=network), str(self.path / prefix),
+                 f"remove its entry from {BEST} or train again with --fresh", partial=True)
 
     def read_history(self, epochs=None):
         """Per-epoch records, cut to the first `epochs` (those the checkpoint holds)."""
@@ -250,3 +245,28 @@ class RunDirectory:
 
     def write_json(self, name, value):
         write_json_atomically(self.path / name, value)
+
+
+def _restore(checkpoint, prefix, remedy, partial=False):
+    """Restores `prefix` into `checkpoint`, turning TensorFlow's errors into one line.
+
+    Args:
+      partial: the checkpoint may hold more than `checkpoint` tracks (the
+        optimizer beside the network).
+    """
+    try:
+        status = checkpoint.restore(prefix)
+    except (tf.errors.OpError, IndexError) as error:  # IndexError: a truncated data file
+        raise RunDirectoryError(f"{prefix}: missing, corrupt or truncated checkpoint "
+                                f"({_first_line(error)}); {remedy}") from error
+    except ValueError as error:  # a variable of another shape
+        raise RunDirectoryError(f"{prefix}: checkpoint of another network "
+                                f"({_first_line(error)[:200]}); {remedy}") from error
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as error:
+        status.expect_partial()  # the error says it all; no warnings at exit
+        raise RunDirectoryError(f"{prefix}: checkpoint of another network or program "
+                                f"({_first_line(error).split('. ')[0]}); {remedy}") from error
+    if partial:
+        status.expect_partial()

@@ -248,8 +248,7 @@ class Trainer:
             raise ValueError(f"{self.run_dir.path} has no validated checkpoint to test yet")
         models, probabilities = [], []
         for val_accuracy, epoch, prefix in best:
-            tf.train.Checkpoint(network=self.network).read(
-                self.run_dir.checkpoint_path(prefix)).expect_partial()
+            self.run_dir.restore_best(self.network, prefix)
             result = self.evaluate_split("test", config.test_tasks)
             mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
             models.append({"epoch": epoch, "val_accuracy": val_accuracy,
@@ -273,8 +272,7 @@ class Trainer:
         best = self.run_dir.best_checkpoints()
         if not best:
             raise ValueError(f"{self.run_dir.path} has no validated checkpoint to export yet")
-        tf.train.Checkpoint(network=self.network).read(
-            self.run_dir.checkpoint_path(best[0][2])).expect_partial()
+        self.run_dir.restore_best(self.network, best[0][2])
         path = export.export(self.network, self.config.eval_inner_steps,
                              BN_EVAL_MODES[self.config.bn_eval], export_dir)
         logging.info("exported the epoch-%d model to %s", best[0][1], path)
