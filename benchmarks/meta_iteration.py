@@ -19,10 +19,13 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
-flags.DEFINE_list("variants", ["fold"], "Task batching to measure: fold (grouped convolutions) "
-                  "and/or loop (one task at a time). Default fold.")
+flags.DEFINE_list("variants", ["loop"], "Task batching to measure: loop (one task at a time, "
+                  "the default path) and/or fold (grouped convolutions). Default loop.")
 flags.DEFINE_list("configs", None, "Names of the configurations to run, with _ for spaces. Default: all.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false.")
+flags.DEFINE_bool("scaling", False, "Instead of the paper's configurations, measure 5-way "
+                  "1-shot second order at 1, 2, 5 and 10 inner steps (batch 8) and at 1, 4, 8 and "
+                  "16 tasks per meta-batch (5 steps). Default false.")
 flags.DEFINE_string("child", None, "Internal: run one measurement and print it as JSON.")
 
 # name: (way, shot, second order, reference seconds, reference peak GB)
@@ -52,7 +55,8 @@ def random_batch(way, shot, query, batch_size, image_shape=(28, 28, 1), seed=0):
             "target_images": images(query), "target_labels": labels(query)}
 
 
-def measure(name, variant, iterations, jit_compile):
+def measure(name, variant, iterations, jit_compile, inner_steps=INNER_STEPS,
+            batch_size=BATCH_SIZE):
     """Times one configuration in this process; returns a dict of figures."""
     import keras
     import numpy as np
@@ -61,11 +65,11 @@ def measure(name, variant, iterations, jit_compile):
     from tf_mamlpp.network import MamlppNetwork
 
     way, shot, second_order, _, _ = CONFIGS[name]
-    network = MamlppNetwork(way, (28, 28, 1), INNER_STEPS)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-3), BATCH_SIZE,
+    network = MamlppNetwork(way, (28, 28, 1), inner_steps)
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-3), batch_size,
                           jit_compile=jit_compile, fold_tasks=variant == "fold")
-    batch = random_batch(way, shot, QUERY, BATCH_SIZE)
-    weights = tf.constant(np.full(INNER_STEPS, 1 / INNER_STEPS, np.float32))
+    batch = random_batch(way, shot, QUERY, batch_size)
+    weights = tf.constant(np.full(inner_steps, 1 / inner_steps, np.float32))
     started = time.monotonic()
     float(learner.train_step(batch, weights, second_order, True)["loss"])
     first_call = time.monotonic() - started
@@ -79,8 +83,8 @@ def measure(name, variant, iterations, jit_compile):
             "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run_child(name, variant):
-    command = [sys.executable, __file__, f"--child={name}|{variant}",
+def run_child(name, variant, inner_steps=INNER_STEPS, batch_size=BATCH_SIZE):
+    command = [sys.executable, __file__, f"--child={name}|{variant}|{inner_steps}|{batch_size}",
                f"--iterations={FLAGS.iterations}", f"--jit_compile={FLAGS.jit_compile}"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
@@ -89,8 +93,12 @@ def run_child(name, variant):
 def main(argv):
     del argv
     if FLAGS.child:
-        name, variant = FLAGS.child.split("|")
-        print(json.dumps(measure(name, variant, FLAGS.iterations, FLAGS.jit_compile)))
+        name, variant, inner_steps, batch_size = FLAGS.child.split("|")
+        print(json.dumps(measure(name, variant, FLAGS.iterations, FLAGS.jit_compile,
+                                 int(inner_steps), int(batch_size))))
+        return
+    if FLAGS.scaling:
+        print_scaling()
         return
     names = [name.replace("_", " ") for name in FLAGS.configs] if FLAGS.configs else list(CONFIGS)
     print(f"batch {BATCH_SIZE} tasks, {INNER_STEPS} inner steps, query {QUERY}, "
@@ -105,6 +113,20 @@ def main(argv):
             print(f"| {name} | {variant} | {figures['seconds']:.3f} | {reference_seconds} "
                   f"| {reference_seconds / figures['seconds']:.2f}x | {figures['peak_gb']:.2f} "
                   f"| {reference_gb} | {figures['first_call']:.1f} |", flush=True)
+
+
+def print_scaling():
+    """How time and memory grow with the inner steps and the meta-batch size."""
+    print(f"5-way 1-shot, second order, median of {FLAGS.iterations} iterations")
+    print("| inner steps | tasks per meta-batch | variant | s/iter | s/iter per task | peak GB |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    settings = [(steps, BATCH_SIZE) for steps in (1, 2, 5, 10)]
+    settings += [(INNER_STEPS, batch) for batch in (1, 4, 16)]
+    for steps, batch in settings:
+        for variant in FLAGS.variants:
+            figures = run_child("5-way 1-shot", variant, steps, batch)
+            print(f"| {steps} | {batch} | {variant} | {figures['seconds']:.3f} "
+                  f"| {figures['seconds'] / batch:.3f} | {figures['peak_gb']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -251,13 +251,13 @@ def _restore(checkpoint, prefix, remedy, partial=False):
     """Restores `prefix` into `checkpoint`, turning TensorFlow's errors into one line.
 
     Args:
-      partial: the checkpoint may hold more than `checkpoint` tracks (the
-        optimizer beside the network).
+      partial: the checkpoint was written by `Checkpoint.write` and may hold
+        more than `checkpoint` tracks (the optimizer beside the network).
     """
     try:
-        status = checkpoint.restore(prefix)
+        status = checkpoint.read(prefix) if partial else checkpoint.restore(prefix)
     except (tf.errors.OpError, IndexError) as error:  # IndexError: a truncated data file
-        raise RunDirectoryError(f"{prefix}: missing, corrupt or truncated checkpoint "
+        raise RunDirectoryError(f"{prefix}: corrupt or truncated checkpoint "
                                 f"({_first_line(error)}); {remedy}") from error
     except ValueError as error:  # a variable of another shape
         raise RunDirectoryError(f"{prefix}: checkpoint of another network "
