@@ -186,7 +186,7 @@ def test_impossible_counts_raise_naming_the_flag(synthetic, way, shot, query, ba
 @pytest.fixture(scope="module")
 def omniglot_train():
     if not (OMNIGLOT_DIR / "images_background.zip").is_file():
-        pytest.skip(f"Omniglot archives not in {OMNIGLOT_DIR}")
+        pytest.fail(f"the shipped Omniglot archives are missing from {OMNIGLOT_DIR}")
     omniglot = load_omniglot(OMNIGLOT_DIR)
     train = split_classes(num_background_classes(omniglot), omniglot.num_classes)["train"]
     return omniglot.select(train)

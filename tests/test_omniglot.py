@@ -20,7 +20,7 @@ TINY_CHARACTERS = 3
 
 def _require_archives():
     if not all((OMNIGLOT_DIR / f"{part}.zip").is_file() for part in PARTS):
-        pytest.skip(f"Omniglot archives not in {OMNIGLOT_DIR}")
+        pytest.fail(f"the shipped Omniglot archives are missing from {OMNIGLOT_DIR}")
 
 
 @pytest.fixture(scope="module")
