@@ -89,6 +89,8 @@ flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the task streams
 flags.DEFINE_string("logdir", "runs", "Parent folder of the runs. Default runs.")
 flags.DEFINE_string("experiment", None, "Run directory name under --logdir. Default: "
                     "<dataset>_<way>way_<shot>shot_seed<seed>.")
+flags.DEFINE_integer("ensemble_top_k", 3, "Best validation checkpoints kept and ensembled at "
+                     "test time, as the paper does with three. Default 3.", lower_bound=1)
 flags.DEFINE_bool("fresh", False, "Start a new run in a new directory even if one exists "
                   "(the old one is kept). Default false: continue the existing run.")
 flags.DEFINE_bool("deterministic", False, "Enable TensorFlow's op determinism, so an "
@@ -142,10 +144,12 @@ def open_run():
     config = resolved_config()
     name = FLAGS.experiment or run_directory.experiment_name(config)
     if FLAGS.mode == "train":
-        run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh)
+        run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh,
+                                                  keep_best=FLAGS.ensemble_top_k)
         return run_dir, config
     # Testing and exporting use the configuration the run was trained with.
-    run_dir = run_directory.RunDirectory.existing(FLAGS.logdir, name)
+    run_dir = run_directory.RunDirectory.existing(FLAGS.logdir, name,
+                                                  keep_best=FLAGS.ensemble_top_k)
     return run_dir, run_dir.config
 
 
@@ -213,5 +217,14 @@ def main(argv):
         fail(error)
 
 
+def parse_flags(argv):
+    """absl's parser, with a malformed flag ending like any bad input: one line, status 2."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # about 39%; chance is 20%.
 SHORT_RUN = ["--dataset=omniglot", "--way=5", "--shot=1", "--epochs=3", "--iters_per_epoch=40",
              "--inner_steps=2", "--second_order=false", "--batch_size=4", "--msl_epochs=1",
-             "--val_tasks=64", "--test_tasks=300"]
+             "--val_tasks=64", "--test_tasks=300", "--ensemble_top_k=2"]
 
 
 def run_main(*flags, logdir):
@@ -50,7 +50,10 @@ def test_run_directory_records_the_run(short_run):
         assert 0.2 < record["val_accuracy"] <= 1.0
         assert record["val_accuracy"] == record["val_accuracy_transductive"]
         assert "val_accuracy_running" in record
-    assert len(json.loads((run_dir / "best.json").read_text())) == 3
+    assert len(json.loads((run_dir / "best.json").read_text())) == 2
+    results = json.loads((run_dir / "results.json").read_text())
+    assert sorted(model["epoch"] for model in results["models"]) == sorted(
+        record["epoch"] for record in sorted(history, key=lambda r: -r["val_accuracy"])[:2])
     assert "test accuracy" in completed.stdout
 
 
@@ -63,6 +66,13 @@ def test_changed_network_is_refused_and_nothing_overwritten(short_run):
     error = completed.stderr.strip().splitlines()[-1]
     assert "--way=20" in error and "Traceback" not in completed.stderr
     assert {path: path.read_bytes() for path in run_dir.glob("*.json")} == before
+
+
+def test_malformed_flag_is_a_one_line_error(tmp_path):
+    completed = run_main("--mode=teach", logdir=tmp_path)
+    assert completed.returncode == 2
+    assert completed.stderr.strip().splitlines() == [
+        "error: flag --mode=teach: value should be one of <train|test|export|adapt>"]
 
 
 def test_unknown_dataset_is_a_one_line_error(tmp_path):
