@@ -146,7 +146,7 @@ class RunDirectory:
         Raises:
           RunDirectoryError: the checkpoint is missing, corrupt or foreign.
         """
-        _restore(tf.train.Checkpoint(network=network), str(self.path / prefix),
+        _restore(tf.train.Checkpoint(network=network), self.checkpoint_path(prefix),
                  f"remove its entry from {BEST} or train again with --fresh", partial=True)
 
     def read_history(self, epochs=None):
