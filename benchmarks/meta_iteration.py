@@ -1,4 +1,4 @@
-"""Seconds per meta-iteration and peak memory of the MAML++ meta-step.
+"""Seconds per meta-iteration, peak memory and FLOP rate of the MAML++ meta-step.
 
     python benchmarks/meta_iteration.py                  # the four paper configurations
     python benchmarks/meta_iteration.py --iterations=20 --variants=fold,loop
@@ -6,7 +6,9 @@
 Each configuration runs in its own subprocess, so its peak resident memory is
 its own. Random images stand in for Omniglot (28x28x1): the step's cost does
 not depend on the pixels. The reference figures are the paper's PyTorch
-implementation measured on the same 2-core machines (see README.md).
+implementation measured on the same 2-core machines (see README.md). The
+FLOP rate counts the convolutions and matrix products of the step (see
+flops.py) and sets it beside a 2048x2048 matmul timed in the same process.
 """
 
 import json
@@ -61,6 +63,7 @@ def measure(name, variant, iterations, jit_compile, inner_steps=INNER_STEPS,
     import keras
     import numpy as np
     import tensorflow as tf
+    from flops import graph_flops, matmul_flop_rate
     from tf_mamlpp.meta_learner import MetaLearner
     from tf_mamlpp.network import MamlppNetwork
 
@@ -79,8 +82,17 @@ def measure(name, variant, iterations, jit_compile, inner_steps=INNER_STEPS,
         started = time.monotonic()
         float(learner.train_step(batch, weights, second_order, True)["loss"])
         times.append(time.monotonic() - started)
-    return {"seconds": float(np.median(times)), "first_call": first_call,
-            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    seconds = float(np.median(times))
+    # The step is one task's graph run batch_size times (map_fn), or the same
+    # arithmetic folded; count one task's graph and scale it.
+    one_task = random_batch(way, shot, QUERY, 1)
+    task_graph = tf.function(learner._tasks_step).get_concrete_function(
+        one_task, weights, second_order, True).graph
+    flops = graph_flops(task_graph) * batch_size
+    return {"seconds": seconds, "first_call": first_call,
+            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "gflop": flops / 1e9, "gflop_per_s": flops / seconds / 1e9,
+            "matmul_gflop_per_s": matmul_flop_rate() / 1e9}
 
 
 def run_child(name, variant, inner_steps=INNER_STEPS, batch_size=BATCH_SIZE):
@@ -104,15 +116,17 @@ def main(argv):
     print(f"batch {BATCH_SIZE} tasks, {INNER_STEPS} inner steps, query {QUERY}, "
           f"median of {FLAGS.iterations} iterations, jit_compile={FLAGS.jit_compile}")
     print(f"| configuration | variant | s/iter | reference s/iter | speed-up | peak GB "
-          f"| reference GB | first call s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"| reference GB | first call s | GFLOP/iter | GFLOP/s | matmul GFLOP/s | of matmul |")
+    print("| --- " * 12 + "|")
     for name in names:
         for variant in FLAGS.variants:
             figures = run_child(name, variant)
             _, _, _, reference_seconds, reference_gb = CONFIGS[name]
             print(f"| {name} | {variant} | {figures['seconds']:.3f} | {reference_seconds} "
                   f"| {reference_seconds / figures['seconds']:.2f}x | {figures['peak_gb']:.2f} "
-                  f"| {reference_gb} | {figures['first_call']:.1f} |", flush=True)
+                  f"| {reference_gb} | {figures['first_call']:.1f} | {figures['gflop']:.1f} "
+                  f"| {figures['gflop_per_s']:.1f} | {figures['matmul_gflop_per_s']:.1f} "
+                  f"| {figures['gflop_per_s'] / figures['matmul_gflop_per_s']:.0%} |", flush=True)
 
 
 def print_scaling():

@@ -14,6 +14,8 @@ weights; here the two switches are independent and each does what it says.
 import keras
 import tensorflow as tf
 
+from tf_mamlpp.batch_norm_kernel import batch_norm_training
+
 BATCH = "batch"
 RUNNING = "running"
 
@@ -92,11 +94,8 @@ class PerStepBatchNorm(keras.layers.Layer):
         affine_row = self.bank_index(step, self.gamma.shape[0])
         gamma = tf.tile(self.gamma[affine_row], [tasks])
         beta = tf.tile(self.beta[affine_row], [tasks])
-        # The fused kernel is several times faster on CPU than the composite
-        # ops, and TensorFlow differentiates it to second order.
         if mode == BATCH:
-            outputs, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-                inputs, gamma, beta, epsilon=self.epsilon, is_training=True)
+            outputs, mean, variance = batch_norm_training(inputs, gamma, beta, self.epsilon)
         elif mode == RUNNING:
             row = self.bank_index(step, self.moving_mean.shape[0])
             mean = tf.tile(self.moving_mean[row], [tasks])

@@ -1,0 +1,101 @@
+"""Training-mode batch norm whose second derivative is a closed form.
+
+Second-order MAML differentiates the inner loop's gradient, so batch norm's
+backward pass is itself differentiated. TensorFlow does that for
+FusedBatchNormGrad by rebuilding the backward pass from element-wise ops and
+differentiating them: about thirty passes over the activations, the largest
+share of a second-order meta-step on a CPU. Here the fused kernels do the
+forward and first backward passes, and the derivative of the backward pass
+is written out: five reductions and about a dozen element-wise ops, with
+every other term a per-channel coefficient.
+
+Derivation, per channel over the M = N*H*W positions, with xh the normalised
+input, inv = 1/sqrt(biased variance + eps) and a = gamma * inv. The backward
+pass is
+
+    db = sum(dy),  dg = sum(dy * xh),  dx = a * (dy - db/M - xh * dg/M).
+
+Given the upstream gradients (ddx, ddg, ddb) of (dx, dg, db), write
+p = mean(ddx * xh), q = sum(ddx * (dy - db/M - xh * dg/M)) and
+c = ddg - a * p. Then
+
+    d dy    = a * ddx + c * xh + ddb - a * mean(ddx)
+    d gamma = inv * q
+    d x     = inv * (G - mean(G) - xh * mean(G * xh)) - gamma * q * inv^2 * xh / M,
+              with G = c * dy - a * dg/M * ddx,
+
+where mean(G) and mean(G * xh) follow from per-channel sums already taken.
+tests/test_per_step_batch_norm.py checks all of it against TensorFlow's own
+second derivatives. A third derivative is not provided (MAML needs two).
+"""
+
+import tensorflow as tf
+
+_AXES = [0, 1, 2]  # NHWC: statistics per channel
+
+
+@tf.autograph.experimental.do_not_convert  # AutoGraph would drop the custom gradients
+def batch_norm_training(inputs, gamma, beta, epsilon):
+    """Normalises NHWC `inputs` with their batch statistics.
+
+    Args:
+      inputs: (N, H, W, C) float32 or float16 activations.
+      gamma, beta: (C,) float32 scale and offset.
+      epsilon: Python float added to the variance before its square root.
+
+    Returns:
+      (outputs, mean, variance): outputs like `inputs`; the batch mean and the
+      unbiased batch variance per channel, float32, as
+      tf.compat.v1.nn.fused_batch_norm returns them. Only `outputs` carries a
+      gradient.
+    """
+
+    @tf.custom_gradient
+    def normalise(inputs, gamma, beta):
+        empty = tf.constant([], tf.float32)
+        outputs, mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
+            is_training=True)
+
+        def gradient(d_outputs, unused_d_mean, unused_d_variance):
+            return backward(d_outputs, inputs, gamma, mean, variance, *reserve)
+
+        return (outputs, mean, variance), gradient
+
+    @tf.custom_gradient
+    def backward(dy, x, gamma, mean, variance, *reserve):
+        dx, dg, db, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+            y_backprop=dy, x=x, scale=gamma, reserve_space_1=reserve[0],
+            reserve_space_2=reserve[1], reserve_space_3=reserve[2], epsilon=epsilon,
+            is_training=True)
+
+        def second_derivative(ddx, ddg, ddb):
+            d_dy, d_x, d_gamma = _second_derivative(
+                dy, x, gamma, mean, variance, db, dg, ddx, ddg, ddb, epsilon)
+            return (d_dy, d_x, d_gamma) + (None,) * (2 + len(reserve))
+
+        return (dx, dg, db), second_derivative
+
+    return normalise(inputs, gamma, beta)
+
+
+def _second_derivative(dy, x, gamma, mean, variance, db, dg, ddx, ddg, ddb, epsilon):
+    """Gradients for (dy, x, gamma) of the backward pass, given (ddx, ddg, ddb); see above."""
+    dtype = x.dtype
+    dy, x, ddx = (tf.cast(t, tf.float32) for t in (dy, x, ddx))
+    size = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+    inv = tf.math.rsqrt(variance * ((size - 1) / size) + epsilon)
+    xh = (x - mean) * inv
+    a = gamma * inv
+    dy_mean, dy_xh_mean = db / size, dg / size
+    ddx_mean = tf.reduce_mean(ddx, _AXES)
+    p = tf.reduce_mean(ddx * xh, _AXES)
+    q = tf.reduce_sum(ddx * dy, _AXES) - size * (dy_mean * ddx_mean + dy_xh_mean * p)
+    c = ddg - a * p
+    d_dy = a * ddx + c * xh + (ddb - a * ddx_mean)
+    k = a * dy_xh_mean  # G = c * dy - k * ddx
+    g_mean = c * dy_mean - k * ddx_mean
+    g_xh_mean = c * dy_xh_mean - k * p
+    d_x = (dy * (inv * c) - ddx * (inv * k)
+           - xh * (inv * (g_xh_mean + gamma * q * inv / size)) - inv * g_mean)
+    return tf.cast(d_dy, dtype), tf.cast(d_x, dtype), inv * q
