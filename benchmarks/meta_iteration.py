@@ -19,6 +19,8 @@ import time
 
 from absl import app, flags
 
+from random_tasks import BATCH_SIZE, INNER_STEPS, QUERY, random_batch
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
 flags.DEFINE_list("variants", ["loop"], "Task batching to measure: loop (one task at a time, "
@@ -37,26 +39,6 @@ CONFIGS = {
     "5-way 1-shot": (5, 1, True, 1.03, 1.0),
     "5-way 1-shot first order": (5, 1, False, 0.55, 0.7),
 }
-BATCH_SIZE, INNER_STEPS, QUERY = 8, 5, 1
-
-
-def random_batch(way, shot, query, batch_size, image_shape=(28, 28, 1), seed=0):
-    """A meta-batch of random images with balanced labels, as the episode pipeline gives."""
-    import numpy as np
-    import tensorflow as tf
-    rng = np.random.default_rng(seed)
-
-    def labels(per_class):
-        return tf.constant(np.tile(np.repeat(np.arange(way), per_class), (batch_size, 1)),
-                           tf.int32)
-
-    def images(per_class):
-        return tf.constant(rng.random((batch_size, way * per_class, *image_shape), np.float32))
-
-    return {"support_images": images(shot), "support_labels": labels(shot),
-            "target_images": images(query), "target_labels": labels(query)}
-
-
 def measure(name, variant, iterations, jit_compile, inner_steps=INNER_STEPS,
             batch_size=BATCH_SIZE):
     """Times one configuration in this process; returns a dict of figures."""

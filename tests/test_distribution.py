@@ -24,7 +24,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, "benchmarks")
-    from meta_iteration import random_batch
+    from random_tasks import random_batch
     from tf_mamlpp.meta_learner import MetaLearner
     from tf_mamlpp.network import MamlppNetwork
 
