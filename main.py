@@ -111,13 +111,17 @@ flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default
 flags.DEFINE_bool("fold_tasks", False, "Run a meta-batch's tasks together as grouped "
                   "convolutions instead of one after another. Default false (slower on CPU; "
                   "see benchmarks/README.md).")
+flags.DEFINE_bool("mixed_precision", False, "Meta-train in float16 with float32 variables and "
+                  "a dynamic loss scale on the inner and outer losses, for GPUs with float16 "
+                  "units; validation, test and the export stay float32. Default false (slower "
+                  "on CPU).")
 
 CONFIG_FLAGS = ("data_dir", "image_size", "channels", "augment", "split_ratios",
                 "in_memory_limit_gb", "omniglot_split", "way", "shot", "query", "batch_size",
                 "filters", "inner_steps", "eval_inner_steps", "inner_lr", "meta_lr", "min_meta_lr",
                 "epochs", "iters_per_epoch", "msl", "msl_epochs", "da", "first_order_epochs",
                 "second_order", "bnrs", "bnwb", "lslr", "ca", "bn_eval", "val_tasks",
-                "test_tasks", "seed")
+                "test_tasks", "seed", "mixed_precision")
 
 
 @functools.cache
@@ -171,7 +175,7 @@ def run():
     if FLAGS.mode == "train":
         resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
     import tensorflow as tf
-    from tf_mamlpp import data
+    from tf_mamlpp import data, mixed_precision
     from tf_mamlpp.distribution import make_strategy
     from tf_mamlpp.trainer import Trainer
 
@@ -180,6 +184,9 @@ def run():
     if FLAGS.mode == "export" and not FLAGS.export_dir:
         raise ValueError("--mode=export needs --export_dir")
     strategy = make_strategy(FLAGS.strategy)  # before any other TensorFlow op
+    if FLAGS.mode == "train" and FLAGS.mixed_precision:  # before anything is written
+        mixed_precision.check_support(FLAGS.fold_tasks, FLAGS.jit_compile,
+                                      resolved_config().second_order)
     tf.config.run_functions_eagerly(FLAGS.run_eagerly)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()

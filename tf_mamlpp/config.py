@@ -30,10 +30,11 @@ PAPER_DEFAULTS = {
 }
 
 # Settings that change the network, the task or what an iteration count means,
-# so a checkpoint of one run cannot continue under another.
+# so a checkpoint of one run cannot continue under another. Mixed precision
+# adds the loss scale to the checkpoint and changes the arithmetic of training.
 ARCHITECTURE_FIELDS = ("dataset", "way", "shot", "filters", "num_stages", "inner_steps",
                        "image_size", "channels", "bnrs", "bnwb", "lslr", "iters_per_epoch",
-                       "batch_size")
+                       "batch_size", "mixed_precision")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +75,7 @@ class ExperimentConfig:
     val_tasks: int = 600
     test_tasks: int = 600
     seed: int = 0
+    mixed_precision: bool = False
 
     @property
     def total_iterations(self):

@@ -5,7 +5,9 @@ set and returns new fast weights, changing no variable. Differentiating its
 result under an outer tape gives the meta-gradient: second order when the
 inner gradients stay on the tape, first order when they are stopped (Finn et
 al., 2017, section 5.2; MAML++ derivative-order annealing switches between
-the two).
+the two). Under mixed precision each step's support loss is scaled before it
+is differentiated and its gradient divided back in float32 (see
+mixed_precision.py).
 """
 
 import tensorflow as tf
@@ -26,7 +28,7 @@ def accuracy(labels, logits):
 
 
 def inner_update(network, fast_weights, support_images, support_labels, step,
-                 second_order, bn_mode=BATCH):
+                 second_order, bn_mode=BATCH, compute_dtype=tf.float32, loss_scale=None):
     """One step of gradient descent on each task's support loss.
 
     The tasks' losses are summed before differentiating: each task's weights
@@ -41,6 +43,11 @@ def inner_update(network, fast_weights, support_images, support_labels, step,
       second_order: keep the inner gradient on any enclosing tape, so the
         meta-gradient includes its derivative; stop it otherwise.
       bn_mode: batch-norm statistics to normalise with.
+      compute_dtype: dtype of the forward and backward passes (float16
+        under mixed precision); the weights and their gradients stay float32.
+      loss_scale: None, or a float32 scalar that the support loss is
+        multiplied by before differentiating, and the gradients divided by
+        after: a float16 backward pass of the unscaled loss underflows.
 
     Returns:
       (new_fast_weights, statistics): the updated weights and the support
@@ -48,9 +55,16 @@ def inner_update(network, fast_weights, support_images, support_labels, step,
     """
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(fast_weights)
-        logits, statistics = network.forward(support_images, fast_weights, step, bn_mode)
+        logits, statistics = network.forward(
+            support_images, fast_weights, step, bn_mode, compute_dtype)
         loss = tf.reduce_sum(cross_entropy(support_labels, logits))
+        if loss_scale is not None:
+            loss = loss * loss_scale
     gradients = tape.gradient(loss, fast_weights)
+    if loss_scale is not None:
+        # float32, like the fast weights: the casts in the forward pass
+        # return their gradients in the weights' dtype.
+        gradients = {name: gradient / loss_scale for name, gradient in gradients.items()}
     if not second_order:
         gradients = tf.nest.map_structure(tf.stop_gradient, gradients)
     new_weights = {
@@ -59,7 +73,8 @@ def inner_update(network, fast_weights, support_images, support_labels, step,
     return new_weights, statistics
 
 
-def adapt_and_evaluate(network, tasks, num_steps, second_order, target_steps, bn_mode=BATCH):
+def adapt_and_evaluate(network, tasks, num_steps, second_order, target_steps, bn_mode=BATCH,
+                       compute_dtype=tf.float32, loss_scale=None):
     """Adapts to each task's support set and scores its target set.
 
     Args:
@@ -73,6 +88,8 @@ def adapt_and_evaluate(network, tasks, num_steps, second_order, target_steps, bn
         scored (the multi-step loss needs all of them, plain MAML the last);
         must include the last step.
       bn_mode: batch-norm statistics to normalise with.
+      compute_dtype, loss_scale: see `inner_update`; the target losses are
+        returned unscaled.
 
     Returns:
       dict with `target_losses` and `target_accuracies` (tasks, len(target_steps)),
@@ -89,11 +106,12 @@ def adapt_and_evaluate(network, tasks, num_steps, second_order, target_steps, bn
     for step in range(num_steps):
         weights, statistics = inner_update(
             network, weights, tasks["support_images"], tasks["support_labels"], step,
-            second_order, bn_mode)
+            second_order, bn_mode, compute_dtype, loss_scale)
         means.append([tf.reduce_mean(mean, axis=0) for mean, _ in statistics])
         variances.append([tf.reduce_mean(variance, axis=0) for _, variance in statistics])
         if step in target_steps:
-            logits, _ = network.forward(tasks["target_images"], weights, step, bn_mode)
+            logits, _ = network.forward(
+                tasks["target_images"], weights, step, bn_mode, compute_dtype)
             losses.append(cross_entropy(tasks["target_labels"], logits))
             accuracies.append(accuracy(tasks["target_labels"], logits))
     return {

@@ -7,12 +7,15 @@ meta-gradient. Its graph holds one inner loop however many tasks there are
 grouped convolutions and run together (see network.py). The derivative
 order and whether the multi-step loss is active are Python arguments, so the
 function is traced once per combination in force, at most three times in a
-run, never per step.
+run, never per step. Under mixed precision (a `DynamicLossScale`) the
+meta-step computes in float16 with scaled losses, and an update whose
+meta-gradient is not finite is skipped; evaluation stays float32.
 """
 
 import tensorflow as tf
 
 from tf_mamlpp.inner_loop import adapt_and_evaluate
+from tf_mamlpp.mixed_precision import COMPUTE_DTYPE, all_finite
 from tf_mamlpp.per_step_batch_norm import BATCH
 
 TASK_KEYS = ("support_images", "support_labels", "target_images", "target_labels")
@@ -32,12 +35,15 @@ class MetaLearner:
       jit_compile: compile the steps with XLA.
       fold_tasks: run the tasks of a meta-batch together, folded into grouped
         convolutions (fast); False runs them one at a time (less memory).
+      loss_scale: None (float32), or the `DynamicLossScale` of a mixed-precision
+        run: the meta-step then computes in float16 and scales its losses.
     """
 
     def __init__(self, network, optimizer, global_batch_size, strategy=None, jit_compile=False,
-                 fold_tasks=False):
+                 fold_tasks=False, loss_scale=None):
         self.network = network
         self.fold_tasks = fold_tasks
+        self.loss_scale = loss_scale
         self.optimizer = optimizer
         self.global_batch_size = global_batch_size
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -64,7 +70,10 @@ class MetaLearner:
           multi_step: Python bool, whether the outer loss sums every step (MSL).
 
         Returns:
-          dict of measurement tensors, means over the global meta-batch.
+          dict of measurement tensors, means over the global meta-batch; under
+          mixed precision also `loss_scale`, the scale this step used, and
+          `skipped_updates`, 1.0 when its meta-gradient was not finite and
+          nothing was updated (the iteration counter still advances).
         """
         per_replica = self.strategy.run(
             self._replica_train_step, args=(batch, msl_weights, second_order, multi_step))
@@ -84,17 +93,25 @@ class MetaLearner:
           dict of sums over the tasks (`gradients`, `loss`, `accuracy`,
           `target_losses` per scored step) and of batch-norm statistics
           averaged over them (`bn_means`, `bn_variances`, per stage (steps, filters)).
+          Losses and gradients are unscaled under mixed precision.
         """
         last = self.num_steps - 1
         target_steps = list(range(self.num_steps)) if multi_step else [last]
         weights = msl_weights if multi_step else tf.ones([1])
         variables = self.network.trainable_variables
+        mixed = self.loss_scale is not None
+        scale = self.loss_scale.scale.read_value() if mixed else None
         with tf.GradientTape() as tape:
             result = adapt_and_evaluate(
-                self.network, tasks, self.num_steps, second_order, target_steps)
+                self.network, tasks, self.num_steps, second_order, target_steps,
+                compute_dtype=COMPUTE_DTYPE if mixed else tf.float32, loss_scale=scale)
             loss = tf.reduce_sum(result["target_losses"] * weights)
+            # The inner losses carry the same scale (see mixed_precision.py).
+            scaled_loss = loss * scale if mixed else loss
         gradients = tape.gradient(
-            loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            scaled_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        if mixed:
+            gradients = [gradient / scale for gradient in gradients]
         return {
             "gradients": [tf.convert_to_tensor(g) for g in gradients],
             "loss": loss,
@@ -136,22 +153,60 @@ class MetaLearner:
         # Each replica sums its tasks' gradients over the global task count;
         # the optimizer all-reduces the sum across replicas into a global mean.
         gradients = [g / self.global_batch_size for g in sums["gradients"]]
-        before = [tf.identity(v) for v in variables]
-        self.optimizer.apply_gradients(zip(gradients, variables))
-        self.network.update_running_statistics(sums["bn_means"], sums["bn_variances"])
+        update = (gradients, sums["bn_means"], sums["bn_variances"])
         replica_context = tf.distribute.get_replica_context()
+        # The global meta-gradient, the same on every replica.
+        reduced = replica_context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)
+        before = [tf.identity(v) for v in variables]
+        replicated = {}
+        if self.loss_scale is None:
+            self._apply_update(*update)
+        else:
+            finite = all_finite(reduced)
+            replicated["loss_scale"] = self.loss_scale.scale.read_value()
+            replicated["skipped_updates"] = 1.0 - tf.cast(finite, tf.float32)
+            self._apply_update_if(finite, *update)
+            self.loss_scale.update(finite)
         task_sums = {"loss": sums["loss"], "accuracy": sums["accuracy"]}
         if multi_step:
             for step_index in range(self.num_steps):
                 task_sums[f"target_loss_step_{step_index}"] = sums["target_losses"][step_index]
         # Figures of the whole update, the same on every replica.
-        replicated = {
-            "gradient_norm": tf.linalg.global_norm(
-                replica_context.all_reduce(tf.distribute.ReduceOp.SUM, gradients)),
+        replicated.update({
+            "gradient_norm": tf.linalg.global_norm(reduced),
             "parameter_norm": tf.linalg.global_norm(variables),
             "update_norm": tf.linalg.global_norm([v - b for v, b in zip(variables, before)]),
-        }
+        })
         return {"task_sums": task_sums, "replicated": replicated}
+
+    def _apply_update(self, gradients, bn_means, bn_variances):
+        """Adam on this replica's share of the meta-gradient; the statistics into the banks."""
+        self.optimizer.apply_gradients(zip(gradients, self.network.trainable_variables))
+        self.network.update_running_statistics(bn_means, bn_variances)
+
+    def _apply_update_if(self, finite, *update):
+        """`_apply_update(*update)` where `finite`; else a skipped update that still counts.
+
+        `finite` is computed from the all-reduced meta-gradient, so every
+        replica takes the same branch. The branch is chosen in cross-replica
+        context: under MirroredStrategy a tf.cond in replica context cannot
+        hold the update's synchronisation (the optimizer's all-reduce, the
+        mean-aggregated banks). keras.optimizers.LossScaleOptimizer does the
+        same, but tests only the first replica's gradients, before they are
+        reduced (a NaN on another replica reaches the variables), and leaves
+        the iteration counter behind on a skipped step; here that counter is
+        the run's position (task stream, epoch, schedules), so it advances.
+        """
+        def cross_replica(strategy, finite, *update):
+            def apply():
+                strategy.extended.call_for_each_replica(self._apply_update, args=update)
+
+            def skip():
+                self.optimizer.iterations.assign_add(1)
+
+            tf.cond(strategy.experimental_local_results(finite)[0], apply, skip)
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, *update))
 
     def _tasks_step_signature(self, multi_step):
         spec = lambda shape: tf.TensorSpec(shape, tf.float32)

@@ -6,7 +6,9 @@ The model owns every meta-parameter: the conv and head weights that the inner
 loop adapts, the per-step batch-norm banks, and the learned per-layer,
 per-step inner learning rates (LSLR). Its forward pass is a function of
 explicit fast weights, so the same model runs with its own variables or with
-adapted ones, and evaluating it changes no variable.
+adapted ones, and evaluating it changes no variable. The forward pass
+computes in the dtype each call asks for (float16 under --mixed_precision,
+see mixed_precision.py); variables and fast weights stay float32.
 """
 
 import keras
@@ -69,9 +71,11 @@ class MamlppNetwork(keras.Model):
             setattr(self, f"conv{i}_kernel", self.add_weight(
                 name=f"conv{i}_kernel", shape=(3, 3, in_channels, self.filters),
                 initializer="glorot_uniform"))
+            # autocast=False: Keras would cast a float16 input (see `embed`)
+            # back to the layer's float32; the fused kernel takes either.
             norm = PerStepBatchNorm(
                 self.num_steps, self.per_step_bn_statistics, self.per_step_bn_affine,
-                momentum=self.bn_momentum, name=f"norm{i}")
+                momentum=self.bn_momentum, autocast=False, name=f"norm{i}")
             norm.build((None, *size, self.filters))
             setattr(self, f"norm{i}", norm)
             in_channels = self.filters
@@ -122,7 +126,7 @@ class MamlppNetwork(keras.Model):
         layer = weight_name.split("/")[0]
         return self.inner_rates[layer][min(step, self.num_steps - 1)]
 
-    def embed(self, images, fast_weights, step, bn_mode=BATCH):
+    def embed(self, images, fast_weights, step, bn_mode=BATCH, compute_dtype=tf.float32):
         """Features before the head, for a batch of tasks at once.
 
         The tasks are folded into the channel axis and every convolution is a
@@ -132,34 +136,41 @@ class MamlppNetwork(keras.Model):
         Args:
           images: (tasks, batch, height, width, channels) float32 in [0, 1].
           fast_weights: dict from `initial_fast_weights` or the inner loop,
-            each with a leading tasks axis.
+            each with a leading tasks axis, float32.
           step: Python int, the inner step whose batch-norm banks are used.
           bn_mode: BATCH or RUNNING statistics.
+          compute_dtype: dtype of the convolutions and activations; images
+            and kernels are cast to it (a no-op for float32). Batch norm
+            keeps float32 gamma, beta and statistics.
 
         Returns:
-          (features, statistics): (tasks, batch, feature_size) features, and
-          one (mean, variance) pair of (tasks, filters) batch statistics per stage.
+          (features, statistics): (tasks, batch, feature_size) features in
+          `compute_dtype`, and one (mean, variance) pair of (tasks, filters)
+          float32 batch statistics per stage.
         """
-        x = fold_tasks(images)  # (batch, height, width, tasks*channels)
+        x = tf.cast(fold_tasks(images), compute_dtype)  # (batch, height, width, tasks*channels)
         statistics = []
         for i, norm in enumerate(self.norms):
+            kernel = tf.cast(grouped_kernel(fast_weights[f"conv{i}/kernel"]), compute_dtype)
             # No conv bias: batch norm subtracts the mean, so its gradient is zero.
-            x = tf.nn.conv2d(x, grouped_kernel(fast_weights[f"conv{i}/kernel"]), 1, "SAME")
+            x = tf.nn.conv2d(x, kernel, 1, "SAME")
             x, mean, variance = norm(x, step=step, mode=bn_mode)
             statistics.append((mean, variance))
             x = tf.nn.max_pool2d(tf.nn.relu(x), 2, 2, "VALID")
         features = unfold_tasks(x, self.filters)  # (tasks, batch, h, w, filters)
         return tf.reshape(features, (tf.shape(features)[0], -1, self.feature_size)), statistics
 
-    def forward(self, images, fast_weights, step, bn_mode=BATCH):
+    def forward(self, images, fast_weights, step, bn_mode=BATCH, compute_dtype=tf.float32):
         """Logits of a batch of tasks under `fast_weights`; see `embed`.
 
         Returns:
-          (logits, statistics): (tasks, batch, way) logits and the per-stage
-          batch statistics.
+          (logits, statistics): (tasks, batch, way) float32 logits (the loss
+          and softmax are taken in float32 whatever `compute_dtype` is) and
+          the per-stage batch statistics.
         """
-        features, statistics = self.embed(images, fast_weights, step, bn_mode)
-        logits = tf.matmul(features, fast_weights["head/kernel"])
+        features, statistics = self.embed(images, fast_weights, step, bn_mode, compute_dtype)
+        logits = tf.matmul(features, tf.cast(fast_weights["head/kernel"], compute_dtype))
+        logits = tf.cast(logits, tf.float32)
         return logits + fast_weights["head/bias"][:, tf.newaxis, :], statistics
 
     def call(self, images):

@@ -16,6 +16,7 @@ from absl import logging
 
 from tf_mamlpp import data, distribution, evaluation, export, schedules
 from tf_mamlpp.meta_learner import MetaLearner
+from tf_mamlpp.mixed_precision import DynamicLossScale
 from tf_mamlpp.network import MamlppNetwork
 from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING
 from tf_mamlpp.progress import Progress
@@ -69,12 +70,16 @@ class Trainer:
         with self.strategy.scope():
             self.network = build_network(config)
             self.optimizer = build_optimizer(config)
+            self.loss_scale = DynamicLossScale() if config.mixed_precision else None
             self.meta_learner = MetaLearner(
                 self.network, self.optimizer, config.batch_size, strategy=self.strategy,
-                jit_compile=jit_compile, fold_tasks=fold_tasks)
+                jit_compile=jit_compile, fold_tasks=fold_tasks, loss_scale=self.loss_scale)
         # The optimizer's iteration counter is the run's position: the task
         # stream, the epoch and the schedules all follow from it.
-        self.checkpoint = tf.train.Checkpoint(network=self.network, optimizer=self.optimizer)
+        state = {"network": self.network, "optimizer": self.optimizer}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale
+        self.checkpoint = tf.train.Checkpoint(**state)
         self.writer = (tf.summary.create_file_writer(str(run_dir.path)) if self.is_chief
                        else tf.summary.create_noop_writer())
         self.stop_requested = False
@@ -145,13 +150,23 @@ class Trainer:
             started = time.monotonic()
             figures = {name: float(value) for name, value in self.meta_learner.train_step(
                 next(tasks), tf.constant(weights), second_order, multi_step).items()}
-            self._check_finite(figures, epoch, iteration)
-            figures["seconds_per_iteration"] = time.monotonic() - started
-            self._write_training_summaries(self.iterations_done, figures)
-            for name, value in figures.items():
-                sums[name] = sums.get(name, 0.0) + value
-            counted += 1
-            progress.update(loss=figures["loss"], acc=figures["accuracy"])
+            if figures.get("skipped_updates"):
+                # Mixed precision: the meta-gradient overflowed, so nothing was
+                # updated and the loss scale is halved. The step's other
+                # figures describe no update and stay out of the epoch's means.
+                self._check_loss_scale(figures["loss_scale"], epoch, iteration)
+                self._write_training_summaries(self.iterations_done, {
+                    name: figures[name] for name in ("skipped_updates", "loss_scale")})
+                sums["skipped_updates"] = sums.get("skipped_updates", 0.0) + 1
+                progress.update()
+            else:
+                self._check_finite(figures, epoch, iteration)
+                figures["seconds_per_iteration"] = time.monotonic() - started
+                self._write_training_summaries(self.iterations_done, figures)
+                for name, value in figures.items():
+                    sums[name] = sums.get(name, 0.0) + value
+                counted += 1
+                progress.update(loss=figures["loss"], acc=figures["accuracy"])
             # A stop at the last iteration lets the epoch validate and save first.
             if self.stop_requested and iteration + 1 < config.iters_per_epoch:
                 progress.close()
@@ -162,8 +177,10 @@ class Trainer:
                     f"stopped at epoch {epoch + 1}, iteration {iteration + 1}; checkpoint "
                     f"written to {self.run_dir.path}")
         progress.close()
+        # Means over the applied updates; skipped ones (mixed precision) as a count.
         return {"epoch": epoch + 1, "second_order": second_order, "multi_step": multi_step,
-                **{f"train_{name}": total / counted for name, total in sums.items()}}
+                **{f"train_{name}": int(total) if name == "skipped_updates" else total / counted
+                   for name, total in sums.items()}}
 
     def _check_finite(self, figures, epoch, iteration):
         bad = [name for name in ("loss", "gradient_norm") if not math.isfinite(figures[name])]
@@ -172,6 +189,15 @@ class Trainer:
                 f"{' and '.join(bad)} became {figures[bad[0]]} at epoch {epoch + 1}, iteration "
                 f"{iteration + 1}; the last good checkpoint is kept. Lower --meta_lr or "
                 f"--inner_lr, or train first order longer (--first_order_epochs).")
+
+    def _check_loss_scale(self, loss_scale, epoch, iteration):
+        """Mixed precision: a step that overflows unscaled is not an overflow of the scale."""
+        if loss_scale <= 1:
+            raise NonFiniteLossError(
+                f"the meta-gradient stayed NaN or infinite with the loss scale down to "
+                f"{loss_scale:g} at epoch {epoch + 1}, iteration {iteration + 1}; the last good "
+                f"checkpoint is kept. Lower --meta_lr or --inner_lr, train first order longer "
+                f"(--first_order_epochs), or train without --mixed_precision.")
 
     def _write_training_summaries(self, step, figures):
         with self.writer.as_default(step=step):

@@ -1,0 +1,431 @@
+"""Specification of --mixed_precision: float16 meta-steps with a dynamic loss scale.
+
+The meta-gradient computed in float16 agrees with the float32 one, first and
+second order; scaling the inner losses is what keeps small inner gradients
+from underflowing; a non-finite meta-gradient skips the update, on every
+replica, and halves the scale; a mixed-precision run trains, checkpoints,
+resumes and exports through `main.py`. Networks are tiny (1 or 2 stages of 2
+to 8 filters on 4x4 or 8x8 images, 2- or 3-way, 1 or 2 inner steps, 1 or 2
+tasks). Tasks run one at a time (`tf.map_fn`, the default path): TensorFlow
+has no float16 gradients of grouped convolutions on CPU.
+
+The `main.py` runs and a MirroredStrategy check run in subprocesses, started
+with the module, while the in-process tests run.
+"""
+
+import concurrent.futures
+import dataclasses
+import itertools
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from tf_mamlpp import config as config_module
+from tf_mamlpp import export
+from tf_mamlpp.inner_loop import adapt_and_evaluate, inner_update
+from tf_mamlpp.meta_learner import MetaLearner
+from tf_mamlpp.mixed_precision import DynamicLossScale, all_finite, check_support
+from tf_mamlpp.network import MamlppNetwork
+from tf_mamlpp.per_step_batch_norm import BATCH
+from tf_mamlpp.run_directory import RunDirectory, RunDirectoryError
+from tf_mamlpp.trainer import NonFiniteLossError, Trainer, build_network
+
+from test_inner_loop import smooth_problem
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WAY, IMAGE_SHAPE, STEPS = 2, (8, 8, 1), 2
+MSL_WEIGHTS = [0.4, 0.6]
+# float16 keeps 11 significant bits, about 3 digits; 1 or 2 inner steps lose
+# about one more. Measured on smooth problems (below): 0.2% to 0.8% over all
+# the meta-gradient, at most 2% on one variable.
+TOLERANCE = 0.05
+TIMEOUT = 300  # seconds, for any one subprocess
+
+# Two logical CPUs: a mixed-precision step under MirroredStrategy against the
+# single-device one, then a step whose second task (the second replica's)
+# overflows float16 while the first replica's stays finite.
+MIRRORED_SCRIPT = textwrap.dedent("""
+    import json
+    import numpy as np, tensorflow as tf, keras
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from tf_mamlpp.meta_learner import MetaLearner
+    from tf_mamlpp.mixed_precision import DynamicLossScale
+    from tf_mamlpp.network import MamlppNetwork
+
+    rng = np.random.default_rng(0)
+    batch = {"support_images": tf.constant(rng.random((2, 2, 8, 8, 1)), tf.float32),
+             "support_labels": tf.constant([[0, 1], [0, 1]]),
+             "target_images": tf.constant(rng.random((2, 4, 8, 8, 1)), tf.float32),
+             "target_labels": tf.constant([[0, 1, 0, 1], [0, 1, 0, 1]])}
+    poisoned = dict(batch, support_images=tf.concat(
+        [batch["support_images"][:1], 1e5 * batch["support_images"][1:]], 0))
+
+    def learner(strategy):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            network = MamlppNetwork(2, (8, 8, 1), 1, filters=4, num_stages=2)
+            return MetaLearner(network, keras.optimizers.Adam(1e-2), 2, strategy=strategy,
+                               loss_scale=DynamicLossScale(2.0**10))
+
+    def step(learner, batch):
+        variables = learner.network.variables
+        before = [v.numpy().tolist() for v in variables]
+        figures = learner.train_step(batch, tf.constant([1.0]), True, False)
+        return {"before": before, "after": [v.numpy().tolist() for v in variables],
+                "figures": {k: float(v) for k, v in figures.items()},
+                "scale": float(learner.loss_scale.scale.numpy()),
+                "iterations": int(learner.optimizer.iterations.numpy())}
+
+    mirrored = learner(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    print(json.dumps({"single": step(learner(tf.distribute.get_strategy()), batch),
+                      "mirrored": step(mirrored, batch),
+                      "mirrored_poisoned": step(mirrored, poisoned)}))
+""")
+
+# Two epochs of 2 meta-iterations on 3-way 1-shot Omniglot, first order then
+# second; the second epoch in a second process, which resumes the run.
+RUN = ["--mixed_precision", "--way=3", "--shot=1", "--inner_steps=1", "--filters=8",
+       "--batch_size=2", "--iters_per_epoch=2", "--first_order_epochs=1", "--val_tasks=4",
+       "--test_tasks=4", "--experiment=run"]
+
+
+def main_py(logdir, *flags):
+    return subprocess.run([sys.executable, str(REPO / "main.py"), f"--logdir={logdir}", *flags],
+                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def train_then_resume(logdir):
+    """`main.py --mixed_precision` for one epoch, then the same command for a second."""
+    return {"first": main_py(logdir, *RUN, "--epochs=1"),
+            "second": main_py(logdir, *RUN, "--epochs=2"), "run_dir": logdir / "run"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def processes(tmp_path_factory):
+    """The subprocesses: name -> future of their results."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    futures = {"run": pool.submit(train_then_resume, tmp_path_factory.mktemp("runs")),
+               "mirrored": pool.submit(subprocess.run, [sys.executable, "-c", MIRRORED_SCRIPT],
+                                       cwd=REPO, capture_output=True, text=True,
+                                       timeout=TIMEOUT)}
+    yield futures
+    pool.shutdown(wait=True)
+
+
+@pytest.fixture(scope="module")
+def task(make_tasks):
+    return make_tasks(1, WAY, shot=1, query=2, image_shape=IMAGE_SHAPE)
+
+
+def tiny_network(num_steps=STEPS, head_factor=1.0):
+    keras.utils.set_random_seed(0)
+    network = MamlppNetwork(WAY, IMAGE_SHAPE, num_steps, filters=8, num_stages=2)
+    network.head_kernel.assign(network.head_kernel * head_factor)
+    return network
+
+
+def tiny_learner(mixed, initial_scale=2.0**10, **network_args):
+    loss_scale = DynamicLossScale(initial_scale) if mixed else None
+    return MetaLearner(tiny_network(**network_args), keras.optimizers.Adam(1e-2), 1,
+                       loss_scale=loss_scale)
+
+
+def meta_gradients(learner, task, second_order, multi_step=True):
+    """{name: meta-gradient}, computed eagerly on the meta-learner's default path."""
+    sums = learner._one_task_at_a_time(task, tf.constant(MSL_WEIGHTS), second_order,
+                                       multi_step)
+    return {v.path.split("/", 1)[1]: g.numpy()
+            for v, g in zip(learner.network.trainable_variables, sums["gradients"])}
+
+
+def relative_error(actual, expected):
+    """|actual - expected| / |expected|, over the arrays of `expected`'s keys together."""
+    difference = sum(np.sum((actual[key] - expected[key]) ** 2) for key in expected)
+    return np.sqrt(difference / sum(np.sum(expected[key] ** 2) for key in expected))
+
+
+@pytest.mark.parametrize("second_order", [False, True], ids=["first_order", "second_order"])
+def test_meta_gradient_in_float16_matches_float32(second_order):
+    """On test_inner_loop's smooth problem (1 stage of 2 filters, 4x4 images, 2 steps):
+    near a ReLU's kink or a max-pool's tie, rounding to float16 can move a
+    gradient across the jump, which measures the jump and not the precision."""
+    network, task = smooth_problem()
+    learners = {mixed: MetaLearner(network, keras.optimizers.Adam(1e-2), 1,
+                                   loss_scale=DynamicLossScale(2.0**10) if mixed else None)
+                for mixed in (False, True)}
+    reference, mixed = (meta_gradients(learners[m], task, second_order) for m in (False, True))
+    # Above zero: the arithmetic was float16 indeed.
+    assert 0 < relative_error(mixed, reference) < TOLERANCE / 2
+    for name in reference:
+        assert relative_error(mixed, {name: reference[name]}) < TOLERANCE, name
+    if second_order:
+        # The second-order terms are far above the tolerance: a float16
+        # meta-gradient without them would not pass.
+        first_order = meta_gradients(learners[False], task, False)
+        assert relative_error(first_order, reference) > 5 * TOLERANCE
+
+
+# A head scaled by 1e-5 brings the support loss's gradients at the conv layers
+# near 1e-6 and below, where float16 keeps fewer than 3 digits (under 6e-5)
+# or none (under 6e-8).
+SMALL_HEAD = 1e-5
+CONV_KERNELS = ("conv0/kernel", "conv1/kernel")
+
+
+def test_small_inner_gradients_underflow_in_float16_unless_the_loss_is_scaled(task):
+    """Inner rates of 2**13 (exact in binary) make a step large enough to read the
+    inner gradient back from the weights in float32: g = (w - w') / rate."""
+    network = tiny_network(num_steps=1, head_factor=SMALL_HEAD)
+    for rates in network.inner_rates.values():
+        rates.assign(tf.fill(rates.shape, 2.0**13))
+    weights = network.initial_fast_weights(1)
+
+    def conv_gradients(compute_dtype, loss_scale):
+        new_weights, _ = inner_update(network, weights, task["support_images"],
+                                      task["support_labels"], 0, False,
+                                      compute_dtype=compute_dtype, loss_scale=loss_scale)
+        return {name: ((weights[name] - new_weights[name]) / 2.0**13).numpy()
+                for name in CONV_KERNELS}
+
+    reference = conv_gradients(tf.float32, None)
+    scaled = conv_gradients(tf.float16, tf.constant(2.0**15))
+    unscaled = conv_gradients(tf.float16, None)
+    for name, expected in reference.items():
+        assert np.all(expected != 0) and np.abs(expected).max() < 1e-4, name
+        assert np.all(scaled[name] != 0), name
+        assert relative_error(scaled, {name: expected}) < TOLERANCE / 2, name
+    # Unscaled, entries are flushed to zero and the others lose their digits.
+    assert any(np.any(gradient == 0) for gradient in unscaled.values())
+    assert relative_error(unscaled, reference) > 2 * TOLERANCE
+
+
+def test_meta_learner_scales_the_inner_losses(task):
+    """The meta-gradient of the conv layers' learned rates is minus the inner gradient
+    dotted with the outer one, so it is lost with an underflowing inner gradient."""
+    rates = ("conv0_inner_rate", "conv1_inner_rate")
+    gradients = {mixed: meta_gradients(tiny_learner(mixed, 2.0**15, num_steps=1,
+                                                    head_factor=SMALL_HEAD),
+                                       task, True, multi_step=False)
+                 for mixed in (False, True)}
+    expected = {name: gradients[False][name] for name in rates}
+    assert relative_error(gradients[True], expected) < TOLERANCE
+    # The same float16 meta-gradient with the outer loss scaled and the inner ones not.
+    network = tiny_network(num_steps=1, head_factor=SMALL_HEAD)
+    variables = [network.inner_rates[name.removesuffix("_inner_rate")] for name in rates]
+    with tf.GradientTape() as tape:
+        result = adapt_and_evaluate(network, task, 1, True, [0], compute_dtype=tf.float16)
+        loss = tf.reduce_sum(result["target_losses"]) * 2.0**15
+    inner_unscaled = {name: gradient.numpy() / 2.0**15
+                      for name, gradient in zip(rates, tape.gradient(loss, variables))}
+    assert relative_error(inner_unscaled, expected) > TOLERANCE
+
+
+def test_an_overflow_skips_the_update_and_halves_the_scale(task):
+    learner = tiny_learner(mixed=True, num_steps=1)
+    network, optimizer = learner.network, learner.optimizer
+    weights = tf.constant([1.0])
+    before = [v.numpy().copy() for v in network.trainable_variables]
+    figures = learner.train_step(task, weights, False, False)
+    assert (float(figures["skipped_updates"]), float(figures["loss_scale"])) == (0, 2.0**10)
+    for variable, old in zip(network.trainable_variables, before):
+        assert np.abs(variable.numpy() - old).max() > 1e-4, variable.path
+    assert learner.loss_scale.scale.numpy() == 2.0**10
+    # float16's largest number is 65504: a scale of 2**40 overflows at once.
+    learner.loss_scale.scale.assign(2.0**40)
+    state = lambda: [v.numpy().copy() for v in network.variables + optimizer.variables
+                     if v is not optimizer.iterations]
+    before = state()
+    figures = learner.train_step(task, weights, False, False)
+    assert (float(figures["skipped_updates"]), float(figures["loss_scale"])) == (1, 2.0**40)
+    assert not np.isfinite(figures["gradient_norm"]) and figures["update_norm"] == 0
+    # Weights, batch-norm banks, Adam's moments: untouched.
+    for old, new in zip(before, state()):
+        np.testing.assert_array_equal(new, old)
+    assert learner.loss_scale.scale.numpy() == 2.0**39
+    # A skipped update is still a meta-iteration: the counter is the run's position.
+    assert optimizer.iterations.numpy() == 2
+    assert learner.trace_count == 1
+
+
+def test_scale_halves_on_each_overflow_and_doubles_after_a_run_of_finite_steps():
+    loss_scale = DynamicLossScale(initial_scale=64.0, growth_steps=3)
+    scales = []
+    for finite in (True, True, False, True, True, True, True, False, False):
+        loss_scale.update(tf.constant(finite))
+        scales.append(float(loss_scale.scale.numpy()))
+    # An overflow resets the count: growth takes 3 finite steps in a row.
+    assert scales == [64, 64, 32, 32, 32, 64, 64, 32, 16]
+
+
+def test_all_finite():
+    assert bool(all_finite([tf.ones(3), tf.zeros((2, 2))]))
+    assert not bool(all_finite([tf.ones(3), tf.constant([[0.0, np.inf]])]))
+    assert not bool(all_finite([tf.constant([np.nan])]))
+
+
+def test_under_mirrored_strategy_an_overflow_on_one_replica_skips_every_replica(processes):
+    completed = processes["mirrored"].result(timeout=2 * TIMEOUT)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    single, mirrored, poisoned = (result[key] for key in ("single", "mirrored",
+                                                          "mirrored_poisoned"))
+    assert single["figures"]["update_norm"] > 0
+    for expected, actual in zip(single["after"], mirrored["after"]):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6)
+    assert mirrored["figures"]["loss"] == pytest.approx(single["figures"]["loss"], rel=1e-5)
+    # keras.optimizers.LossScaleOptimizer tests only the first replica's
+    # gradients, and would let the second replica's NaN into the variables.
+    assert poisoned["figures"]["skipped_updates"] == 1
+    assert poisoned["after"] == poisoned["before"]
+    assert (poisoned["scale"], poisoned["iterations"]) == (2.0**9, 2)
+
+
+def test_settings_float16_cannot_run_are_refused_naming_the_flag():
+    """main.py checks them before anything is written (the run below shows the check runs)."""
+    check_support(fold_tasks=False, jit_compile=True, second_order=False)
+    with pytest.raises(ValueError, match="--jit_compile with --mixed_precision needs "
+                                         "--second_order=false"):
+        check_support(fold_tasks=False, jit_compile=True, second_order=True)
+    if tf.config.list_physical_devices("GPU"):
+        check_support(fold_tasks=True, jit_compile=False, second_order=True)
+    else:
+        with pytest.raises(ValueError, match="--fold_tasks with --mixed_precision needs a GPU"):
+            check_support(fold_tasks=True, jit_compile=False, second_order=True)
+
+
+@pytest.fixture(scope="module")
+def run(processes):
+    run = processes["run"].result(timeout=3 * TIMEOUT)
+    for name in ("first", "second"):
+        assert run[name].returncode == 0, run[name].stderr[-3000:]
+    return run
+
+
+def scalars(run_dir, tag):
+    """{step: value} of a training scalar, from the event files of both processes."""
+    accumulator = event_accumulator.EventAccumulator(
+        str(run_dir), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    return {event.step: float(tensor_util.make_ndarray(event.tensor_proto))
+            for event in accumulator.Tensors(tag)}
+
+
+def test_main_trains_resumes_and_continues_the_loss_scale(run):
+    assert "--mixed_precision without a GPU" in run["first"].stderr
+    assert "Resuming at epoch 2, iteration 1." in run["second"].stderr
+    run_dir = run["run_dir"]
+    assert json.loads((run_dir / "config.json").read_text())["mixed_precision"] is True
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [(record["epoch"], record["second_order"]) for record in history] == [
+        (1, False), (2, True)]
+    # One scale per meta-iteration, halved after each skipped update, across the
+    # resume too: the second process continued from the checkpointed scale.
+    scales, skipped = (scalars(run_dir, f"train/{name}") for name in ("loss_scale",
+                                                                      "skipped_updates"))
+    assert sorted(scales) == sorted(skipped) == [1, 2, 3, 4]
+    assert scales[1] == 2.0**15
+    for step in (1, 2, 3):
+        assert scales[step + 1] == scales[step] / (2 if skipped[step] else 1)
+    assert [record["train_skipped_updates"] for record in history] == [
+        int(skipped[1] + skipped[2]), int(skipped[3] + skipped[4])]
+    # The second epoch's updates were applied and moved the network.
+    assert skipped[4] == 0 and np.isfinite(history[1]["train_loss"])
+    latest = run_dir / "checkpoints" / "latest"
+    kernel = "network/conv0_kernel/.ATTRIBUTES/VARIABLE_VALUE"
+    assert not np.array_equal(tf.train.load_variable(str(latest / "ckpt-2"), kernel),
+                              tf.train.load_variable(str(latest / "ckpt-4"), kernel))
+    assert tf.train.load_variable(str(latest / "ckpt-4"),
+                                  "loss_scale/scale/.ATTRIBUTES/VARIABLE_VALUE") == scales[4]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["test_tasks"] == 4
+
+
+def test_the_export_of_a_mixed_precision_run_serves_float32(run):
+    run_dir = RunDirectory.existing(run["run_dir"].parent, "run")
+    signature = tf.saved_model.load(str(run_dir.path / "export")).signatures["adapt_and_predict"]
+    assert {spec.dtype for spec in signature.structured_input_signature[1].values()} == {
+        tf.float32, tf.int32}
+    rng = np.random.default_rng(0)
+    support, labels = rng.random((3, 28, 28, 1)).astype(np.float32), np.arange(3, dtype=np.int32)
+    queries = rng.random((4, 28, 28, 1)).astype(np.float32)
+    out = signature(support_images=tf.constant(support), support_labels=tf.constant(labels),
+                    query_images=tf.constant(queries))
+    assert out["logits"].dtype == out["probabilities"].dtype == tf.float32
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(-1), 1.0, rtol=1e-5)
+    # It adapts in float32, as the in-process model of the exported checkpoint.
+    network = build_network(run_dir.config)
+    tf.train.Checkpoint(network=network).read(
+        run_dir.checkpoint_path(run_dir.best_checkpoints()[0][2])).expect_partial()
+    expected = export.AdaptingModel(network, 1, BATCH).adapt_and_predict(
+        tf.constant(support), tf.constant(labels), tf.constant(queries))
+    np.testing.assert_allclose(out["logits"].numpy(), expected["logits"].numpy(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_changing_mixed_precision_is_refused_naming_the_flag(run):
+    config = RunDirectory.existing(run["run_dir"].parent, "run").config
+    with pytest.raises(RunDirectoryError, match=r"--mixed_precision=False \(run has True\)"):
+        RunDirectory.open(run["run_dir"].parent, "run",
+                          dataclasses.replace(config, mixed_precision=False))
+
+
+def test_loss_scale_is_checkpointed_and_restored(tmp_path):
+    config = config_module.resolve("omniglot", way=3, filters=8, inner_steps=1, batch_size=2,
+                                   mixed_precision=True)
+    first = Trainer(config, RunDirectory.open(tmp_path, "run", config))
+    first.loss_scale.scale.assign(96.0)
+    first.loss_scale.finite_steps.assign(7)
+    first.run_dir.save_checkpoint(first.checkpoint, 0)
+    second = Trainer(config, RunDirectory.existing(tmp_path, "run"))
+    assert second.loss_scale.scale.numpy() == 2.0**15
+    assert second.run_dir.restore_latest(second.checkpoint)
+    assert (second.loss_scale.scale.numpy(), second.loss_scale.finite_steps.numpy()) == (96, 7)
+
+
+def test_trainer_averages_applied_updates_counts_skipped_ones_and_stops_at_scale_1(tmp_path):
+    """The meta-step's figures are scripted: applied or skipped, at a given scale."""
+    config = config_module.resolve("omniglot", way=3, filters=8, inner_steps=1, batch_size=2,
+                                   iters_per_epoch=4, mixed_precision=True)
+    trainer = Trainer(config, RunDirectory.open(tmp_path, "run", config))
+
+    def applied(scale, loss):
+        return {"loss": loss, "accuracy": 0.5, "gradient_norm": 1.0, "loss_scale": scale,
+                "skipped_updates": 0.0}
+
+    skipped = lambda scale: {"loss": np.nan, "accuracy": 0.0, "gradient_norm": np.nan,
+                             "loss_scale": scale, "skipped_updates": 1.0}
+    steps = iter([applied(4.0, 1.0), skipped(4.0), applied(2.0, 3.0), skipped(2.0),
+                  applied(1.0, 1.0), skipped(1.0)])
+
+    def train_step(*args):
+        trainer.optimizer.iterations.assign_add(1)  # skipped or not, as the real step
+        return next(steps)
+
+    trainer.meta_learner.train_step = train_step
+    record = trainer.train_epoch(0, itertools.repeat(None))
+    assert record["train_skipped_updates"] == 2
+    assert (record["train_loss"], record["train_loss_scale"]) == (2.0, 3.0)
+    # A step that overflows at a scale of 1 is not one that scaling caused.
+    with pytest.raises(NonFiniteLossError, match="loss scale down to 1 at epoch 2, iteration 2"):
+        trainer.train_epoch(1, itertools.repeat(None))
+
+
+def test_runs_from_before_the_flag_continue_in_float32(tmp_path):
+    """A config.json written before --mixed_precision existed reads as float32."""
+    config = config_module.resolve("omniglot", way=3, filters=8)
+    run_dir = RunDirectory.open(tmp_path, "run", config)
+    saved = json.loads((run_dir.path / "config.json").read_text())
+    del saved["mixed_precision"]
+    (run_dir.path / "config.json").write_text(json.dumps(saved))
+    assert RunDirectory.open(tmp_path, "run", config).config.mixed_precision is False
