@@ -111,6 +111,9 @@ flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default
 flags.DEFINE_bool("fold_tasks", False, "Run a meta-batch's tasks together as grouped "
                   "convolutions instead of one after another. Default false (slower on CPU; "
                   "see benchmarks/README.md).")
+flags.DEFINE_integer("parallel_tasks", None, "Tasks of a meta-batch adapted at once, with "
+                     "the cores shared out among them (see tf_mamlpp/cpu_threads.py). Default: "
+                     "the number of cores on a CPU, 1 on a GPU.")
 flags.DEFINE_bool("mixed_precision", False, "Meta-train in float16 with float32 variables and "
                   "a dynamic loss scale on the inner and outer losses, for GPUs with float16 "
                   "units; validation, test and the export stay float32. Default false (slower "
@@ -175,7 +178,7 @@ def run():
     if FLAGS.mode == "train":
         resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
     import tensorflow as tf
-    from tf_mamlpp import data, mixed_precision
+    from tf_mamlpp import cpu_threads, data, mixed_precision
     from tf_mamlpp.distribution import make_strategy
     from tf_mamlpp.trainer import Trainer
 
@@ -183,7 +186,10 @@ def run():
         return adapt()
     if FLAGS.mode == "export" and not FLAGS.export_dir:
         raise ValueError("--mode=export needs --export_dir")
-    strategy = make_strategy(FLAGS.strategy)  # before any other TensorFlow op
+    parallel_tasks = (cpu_threads.default_parallel_tasks() if FLAGS.parallel_tasks is None
+                      else FLAGS.parallel_tasks)
+    cpu_threads.configure(parallel_tasks)  # before TensorFlow runs its first op
+    strategy = make_strategy(FLAGS.strategy)
     if FLAGS.mode == "train" and FLAGS.mixed_precision:  # before anything is written
         mixed_precision.check_support(FLAGS.fold_tasks, FLAGS.jit_compile,
                                       resolved_config().second_order)
@@ -195,7 +201,8 @@ def run():
     run_dir, config = open_run()
     logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())
     trainer = Trainer(config, run_dir, jit_compile=FLAGS.jit_compile,
-                      fold_tasks=FLAGS.fold_tasks, strategy=strategy)
+                      fold_tasks=FLAGS.fold_tasks, parallel_tasks=parallel_tasks,
+                      strategy=strategy)
     if FLAGS.mode == "export":
         print(f"exported to {trainer.export_best(FLAGS.export_dir)}")
         return

@@ -2,7 +2,7 @@
 
     python benchmarks/profile_meta_step.py --way=20 --shot=5
 
-Profiles a few meta-iterations of the default step (random Omniglot-sized
+Profiles a few meta-iterations of main.py's default step (random Omniglot-sized
 images, batch 8, 5 inner steps, multi-step loss) with the TensorFlow profiler
 and sums the time of every op, over all threads, into kinds (convolutions,
 batch norm, pooling, element-wise ops and reductions, ...) and phases: the
@@ -77,11 +77,15 @@ def profile(way, shot, second_order, iterations):
     import numpy as np
     import tensorflow as tf
     from random_tasks import BATCH_SIZE, INNER_STEPS, QUERY, random_batch
+    from tf_mamlpp import cpu_threads
     from tf_mamlpp.meta_learner import MetaLearner
     from tf_mamlpp.network import MamlppNetwork
 
+    parallel_tasks = cpu_threads.default_parallel_tasks()
+    cpu_threads.configure(parallel_tasks)  # as main.py does
     network = MamlppNetwork(way, (28, 28, 1), INNER_STEPS)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-3), BATCH_SIZE)
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-3), BATCH_SIZE,
+                          parallel_tasks=parallel_tasks)
     batch = random_batch(way, shot, QUERY, BATCH_SIZE)
     weights = tf.constant(np.full(INNER_STEPS, 1 / INNER_STEPS, np.float32))
     step = lambda: float(learner.train_step(batch, weights, second_order, True)["loss"])

@@ -113,6 +113,8 @@ CASES = {
                       ["{truncated_zip}/images_background.zip: corrupt or truncated zip"]),
     "unknown dataset": (["--dataset=imagenet21k"], ["--dataset='imagenet21k' is unknown"]),
     "unknown strategy": (folder("good", "--strategy=tpu"), ["--strategy='tpu' is unknown"]),
+    "zero parallel tasks": (folder("good", "--parallel_tasks=0"),
+                            ["--parallel_tasks must be at least 1, got 0"]),
     "image size conflicting with omniglot": (
         ["--dataset=omniglot", "--image_size=84"],
         ["--image_size=84 conflicts with --dataset=omniglot"]),

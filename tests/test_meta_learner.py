@@ -202,7 +202,7 @@ def test_folded_and_one_at_a_time_tasks_give_the_same_sums(batch):
     learner = meta_learner(tiny_network())
     weights = tf.constant(MSL_WEIGHTS)
     folded = learner._tasks_step(batch, weights, True, True)
-    sequential = learner._one_task_at_a_time(batch, weights, True, True)
+    sequential = learner._task_by_task(batch, weights, True, True)
     for name in ("loss", "accuracy", "target_losses"):
         np.testing.assert_allclose(folded[name].numpy(), sequential[name].numpy(), rtol=1e-5,
                                    err_msg=name)

@@ -143,7 +143,7 @@ def tiny_learner(mixed, initial_scale=2.0**10, **network_args):
 
 def meta_gradients(learner, task, second_order, multi_step=True):
     """{name: meta-gradient}, computed eagerly on the meta-learner's default path."""
-    sums = learner._one_task_at_a_time(task, tf.constant(MSL_WEIGHTS), second_order,
+    sums = learner._task_by_task(task, tf.constant(MSL_WEIGHTS), second_order,
                                        multi_step)
     return {v.path.split("/", 1)[1]: g.numpy()
             for v, g in zip(learner.network.trainable_variables, sums["gradients"])}

@@ -1,8 +1,14 @@
-"""Folding a meta-batch's tasks into grouped convolutions changes no result.
+"""Folding a meta-batch's tasks, or running them in parallel, changes no result.
 
-The fast path (`fold_tasks=True`) must give the plain path's loss, figures
-and updated parameters on the same tasks, first and second order.
+The fast paths (`fold_tasks=True`, `parallel_tasks` > 1) must give the plain
+path's loss, figures and updated parameters on the same tasks, first and
+second order.
 """
+
+import os
+import subprocess
+import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -27,10 +33,11 @@ def random_tasks(num_tasks, way, shot, query, size, seed=0):
             "target_images": images(query), "target_labels": labels(query)}
 
 
-def one_step(fold_tasks, second_order, tasks):
+def one_step(fold_tasks, second_order, tasks, parallel_tasks=1):
     keras.utils.set_random_seed(3)
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 3, fold_tasks=fold_tasks)
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 3, fold_tasks=fold_tasks,
+                          parallel_tasks=parallel_tasks)
     figures = learner.train_step(tasks, tf.constant([0.3, 0.7]), second_order, True)
     return ([np.asarray(v.numpy()) for v in network.variables],
             {name: float(value) for name, value in figures.items()})
@@ -47,3 +54,34 @@ def test_folded_tasks_give_the_plain_step(second_order):
     for plain, folded in zip(plain_variables, folded_variables):
         np.testing.assert_allclose(folded, plain, rtol=1e-4, atol=1e-6)
     assert plain_figures["update_norm"] > 0
+
+
+@pytest.mark.parametrize("second_order", [False, True])
+def test_parallel_tasks_give_the_plain_step(second_order):
+    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8, seed=1)
+    plain_variables, plain_figures = one_step(False, second_order, tasks)
+    parallel_variables, parallel_figures = one_step(False, second_order, tasks, parallel_tasks=3)
+    assert parallel_figures == pytest.approx(plain_figures, rel=1e-6, abs=1e-7)
+    for plain, parallel in zip(plain_variables, parallel_variables):
+        np.testing.assert_allclose(parallel, plain, rtol=1e-6, atol=1e-7)
+    assert plain_figures["update_norm"] > 0
+
+
+def test_cpu_threads_share_the_cores_among_parallel_tasks():
+    script = textwrap.dedent("""
+        import tensorflow as tf
+        from tf_mamlpp import cpu_threads
+        cpu_threads.configure(2)
+        print(tf.config.threading.get_intra_op_parallelism_threads(),
+              tf.config.threading.get_inter_op_parallelism_threads())
+    """)
+    printed = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
+                             text=True).stdout.split()
+    cores = len(os.sched_getaffinity(0))
+    assert [int(n) for n in printed] == [max(1, cores // 2), 2]
+
+
+def test_parallel_tasks_below_one_are_refused():
+    from tf_mamlpp import cpu_threads
+    with pytest.raises(ValueError, match="--parallel_tasks must be at least 1"):
+        cpu_threads.configure(0)

@@ -4,7 +4,8 @@ One compiled function adapts to every task of a meta-batch and returns the
 meta-gradient. Its graph holds one inner loop however many tasks there are
 (tracing a loop unrolled over eight tasks takes over a minute): either
 `tf.map_fn` runs the tasks one after another, or they are folded into
-grouped convolutions and run together (see network.py). The derivative
+grouped convolutions and run together (see network.py). `tf.map_fn` runs
+`parallel_tasks` tasks at a time (see cpu_threads.py). The derivative
 order and whether the multi-step loss is active are Python arguments, so the
 function is traced once per combination in force, at most three times in a
 run, never per step. Under mixed precision (a `DynamicLossScale`) the
@@ -34,15 +35,18 @@ class MetaLearner:
       strategy: a `tf.distribute.Strategy`; the default strategy if None.
       jit_compile: compile the steps with XLA.
       fold_tasks: run the tasks of a meta-batch together, folded into grouped
-        convolutions (fast); False runs them one at a time (less memory).
+        convolutions; False runs each task's graph on its own.
+      parallel_tasks: with fold_tasks False, how many tasks run at once; the
+        memory of that many tasks' graphs is alive at a time.
       loss_scale: None (float32), or the `DynamicLossScale` of a mixed-precision
         run: the meta-step then computes in float16 and scales its losses.
     """
 
     def __init__(self, network, optimizer, global_batch_size, strategy=None, jit_compile=False,
-                 fold_tasks=False, loss_scale=None):
+                 fold_tasks=False, loss_scale=None, parallel_tasks=1):
         self.network = network
         self.fold_tasks = fold_tasks
+        self.parallel_tasks = parallel_tasks
         self.loss_scale = loss_scale
         self.optimizer = optimizer
         self.global_batch_size = global_batch_size
@@ -101,15 +105,17 @@ class MetaLearner:
         variables = self.network.trainable_variables
         mixed = self.loss_scale is not None
         scale = self.loss_scale.scale.read_value() if mixed else None
-        with tf.GradientTape() as tape:
+        # The name scopes let benchmarks/profile_meta_step.py split the time.
+        with tf.GradientTape() as tape, tf.name_scope("inner_loop"):
             result = adapt_and_evaluate(
                 self.network, tasks, self.num_steps, second_order, target_steps,
                 compute_dtype=COMPUTE_DTYPE if mixed else tf.float32, loss_scale=scale)
             loss = tf.reduce_sum(result["target_losses"] * weights)
             # The inner losses carry the same scale (see mixed_precision.py).
             scaled_loss = loss * scale if mixed else loss
-        gradients = tape.gradient(
-            scaled_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        with tf.name_scope("outer_backward"):
+            gradients = tape.gradient(
+                scaled_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if mixed:
             gradients = [gradient / scale for gradient in gradients]
         return {
@@ -121,15 +127,14 @@ class MetaLearner:
             "bn_variances": result["bn_variances"],
         }
 
-    def _one_task_at_a_time(self, tasks, msl_weights, second_order, multi_step):
-        """`_tasks_step` over the tasks one by one: less memory, more time."""
+    def _task_by_task(self, tasks, msl_weights, second_order, multi_step):
+        """`_tasks_step` over the tasks, `parallel_tasks` of them at a time."""
         per_task = tf.map_fn(
             lambda task: self._tasks_step(
                 tf.nest.map_structure(lambda t: t[tf.newaxis], task),
                 msl_weights, second_order, multi_step),
             tasks, fn_output_signature=self._tasks_step_signature(multi_step),
-            # On a few cores, overlapping tasks only contend for them.
-            parallel_iterations=1)
+            parallel_iterations=self.parallel_tasks)
         return {name: [tf.reduce_mean(v, axis=0) for v in value] if name.startswith("bn_")
                 else tf.nest.map_structure(lambda v: tf.reduce_sum(v, axis=0), value)
                 for name, value in per_task.items()}
@@ -148,7 +153,7 @@ class MetaLearner:
     def _replica_train_step_fn(self, batch, msl_weights, second_order, multi_step):
         tasks = self._replica_tasks(batch)
         variables = self.network.trainable_variables
-        step = self._tasks_step if self.fold_tasks else self._one_task_at_a_time
+        step = self._tasks_step if self.fold_tasks else self._task_by_task
         sums = step(tasks, msl_weights, second_order, multi_step)
         # Each replica sums its tasks' gradients over the global task count;
         # the optimizer all-reduces the sum across replicas into a global mean.

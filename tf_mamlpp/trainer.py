@@ -55,11 +55,13 @@ class Trainer:
       run_dir: a `run_directory.RunDirectory`.
       jit_compile: compile the meta-step with XLA.
       fold_tasks: run a meta-batch's tasks together as grouped convolutions.
+      parallel_tasks: tasks adapted at once when they are not folded.
       strategy: a tf.distribute strategy (see distribution.py); only its chief
         writes checkpoints, summaries, results and the export.
     """
 
-    def __init__(self, config, run_dir, jit_compile=False, fold_tasks=False, strategy=None):
+    def __init__(self, config, run_dir, jit_compile=False, fold_tasks=False, parallel_tasks=1,
+                 strategy=None):
         self.config = config
         self.run_dir = run_dir
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -73,7 +75,8 @@ class Trainer:
             self.loss_scale = DynamicLossScale() if config.mixed_precision else None
             self.meta_learner = MetaLearner(
                 self.network, self.optimizer, config.batch_size, strategy=self.strategy,
-                jit_compile=jit_compile, fold_tasks=fold_tasks, loss_scale=self.loss_scale)
+                jit_compile=jit_compile, fold_tasks=fold_tasks, loss_scale=self.loss_scale,
+                parallel_tasks=parallel_tasks)
         # The optimizer's iteration counter is the run's position: the task
         # stream, the epoch and the schedules all follow from it.
         state = {"network": self.network, "optimizer": self.optimizer}
