@@ -1,8 +1,8 @@
-"""Folding a meta-batch's tasks, or running them in parallel, changes no result.
+"""Folding a meta-batch's tasks, running them in parallel or compiling with XLA changes no result.
 
-The fast paths (`fold_tasks=True`, `parallel_tasks` > 1) must give the plain
-path's loss, figures and updated parameters on the same tasks, first and
-second order.
+The fast paths (`fold_tasks=True`, `parallel_tasks` > 1, `jit_compile=True`)
+must give the plain path's loss, figures and updated parameters on the same
+tasks, first and second order.
 """
 
 import os
@@ -33,11 +33,11 @@ def random_tasks(num_tasks, way, shot, query, size, seed=0):
             "target_images": images(query), "target_labels": labels(query)}
 
 
-def one_step(fold_tasks, second_order, tasks, parallel_tasks=1):
+def one_step(fold_tasks, second_order, tasks, parallel_tasks=1, jit_compile=False):
     keras.utils.set_random_seed(3)
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 3, fold_tasks=fold_tasks,
-                          parallel_tasks=parallel_tasks)
+                          parallel_tasks=parallel_tasks, jit_compile=jit_compile)
     figures = learner.train_step(tasks, tf.constant([0.3, 0.7]), second_order, True)
     return ([np.asarray(v.numpy()) for v in network.variables],
             {name: float(value) for name, value in figures.items()})
@@ -65,6 +65,18 @@ def test_parallel_tasks_give_the_plain_step(second_order):
     for plain, parallel in zip(plain_variables, parallel_variables):
         np.testing.assert_allclose(parallel, plain, rtol=1e-6, atol=1e-7)
     assert plain_figures["update_norm"] > 0
+
+
+@pytest.mark.parametrize("fold_tasks", [False, True], ids=["task by task", "folded"])
+@pytest.mark.parametrize("second_order", [False, True])
+def test_the_xla_compiled_step_gives_the_plain_step(second_order, fold_tasks):
+    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8, seed=2)
+    plain_variables, plain_figures = one_step(fold_tasks, second_order, tasks)
+    compiled_variables, compiled_figures = one_step(fold_tasks, second_order, tasks,
+                                                    jit_compile=True)
+    assert compiled_figures == pytest.approx(plain_figures, rel=1e-4, abs=1e-6)
+    for plain, compiled in zip(plain_variables, compiled_variables):
+        np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
 
 
 def test_cpu_threads_share_the_cores_among_parallel_tasks():
