@@ -1,15 +1,20 @@
-"""Where the time of a meta-iteration goes: op time by kind and by phase.
+"""Where the time of a meta-iteration goes: op time by kind and by pass.
 
     python benchmarks/profile_meta_step.py --way=20 --shot=5
 
 Profiles a few meta-iterations of main.py's default step (random Omniglot-sized
 images, batch 8, 5 inner steps, multi-step loss) with the TensorFlow profiler
 and sums the time of every op, over all threads, into kinds (convolutions,
-batch norm, pooling, element-wise ops and reductions, ...) and phases: the
-inner loop (adaptation: support forward passes and inner gradients, target
-forward passes), the outer backward (the meta-gradient through all of it)
-and the rest (optimizer, batch-norm bank updates). The phases come from the
-name scopes the meta-learner opens.
+batch norm, pooling, element-wise ops and reductions, ...) and passes. The
+pass follows from the op's name: GradientTape names each gradient op
+"gradient_tape/<forward op>", so a name without that prefix is a forward
+op (support and target passes of the inner loop, and the optimizer), one
+prefix a first derivative (the inner gradients, and the outer backward
+through the forward passes) and two a second derivative (the outer backward
+through the inner gradients: what second order adds). Batch norm's
+derivatives are custom gradients, which that naming does not reach; they
+carry name scopes of their own. The AddN ops that sum a tensor's gradients
+are named after no forward op and get a line of their own.
 """
 
 import collections
@@ -25,19 +30,19 @@ flags.DEFINE_bool("second_order", True, "Second-order meta-gradients. Default tr
 flags.DEFINE_integer("iterations", 3, "Profiled meta-iterations after two warm-up ones. Default 3.")
 flags.DEFINE_integer("top", 15, "Op types listed. Default 15.")
 
+GRADIENT_SUMS = "gradient accumulation (AddN, AssignAdd)"
 # Op kind: substrings of TensorFlow op types (oneDNN's _MklNative* included).
 KINDS = [
     ("convolutions", ("Conv2D",)),
     ("batch norm kernels", ("FusedBatchNorm",)),
     ("max-pool and its gradients", ("MaxPool",)),
-    ("gradient accumulation (AddN, AssignAdd)", ("AddN", "AssignAdd", "Assign",
-                                                   "TemporaryVariable")),
+    (GRADIENT_SUMS, ("AddN", "AssignAdd", "Assign", "TemporaryVariable")),
     ("ReLU gradients", ("ReluGrad",)),
     ("head matmul", ("MatMul",)),
     ("element-wise ops and reductions", ("Mul", "Sub", "Add", "Sum", "Mean", "Neg", "Tile",
                                          "Square", "Rsqrt", "RealDiv", "Relu", "Cast")),
 ]
-PHASES = [("outer backward", "outer_backward"), ("inner loop", "inner_loop")]
+PASSES = ["forward passes and the optimizer", "first derivatives", "second derivatives"]
 
 
 def kind_of(op_type):
@@ -47,11 +52,15 @@ def kind_of(op_type):
     return "other"
 
 
-def phase_of(op_name):
-    for phase, scope in PHASES:
-        if scope in op_name:
-            return phase
-    return "optimizer and the rest"
+def pass_of(op_name, op_type):
+    from tf_mamlpp.batch_norm_kernel import FIRST_DERIVATIVE_SCOPE, SECOND_DERIVATIVE_SCOPE
+    if kind_of(op_type) == GRADIENT_SUMS:  # named after no forward op
+        return "sums of a tensor's gradients from its uses"
+    if SECOND_DERIVATIVE_SCOPE in op_name:
+        return PASSES[2]
+    if FIRST_DERIVATIVE_SCOPE in op_name:
+        return PASSES[1]
+    return PASSES[min(op_name.count("gradient_tape/"), 2)]
 
 
 def op_events(trace_dir):
@@ -108,17 +117,17 @@ def print_shares(title, seconds):
 def main(argv):
     del argv
     events = profile(FLAGS.way, FLAGS.shot, FLAGS.second_order, FLAGS.iterations)
-    by_kind, by_phase, by_type = (collections.Counter() for _ in range(3))
+    by_kind, by_pass, by_type = (collections.Counter() for _ in range(3))
     for op_name, op_type, seconds in events:
         seconds /= FLAGS.iterations
         by_kind[kind_of(op_type)] += seconds
-        by_phase[phase_of(op_name)] += seconds
+        by_pass[pass_of(op_name, op_type)] += seconds
         by_type[op_type] += seconds
     order = "second" if FLAGS.second_order else "first"
     print(f"{FLAGS.way}-way {FLAGS.shot}-shot, {order} order: op time summed over all threads, "
           f"mean of {FLAGS.iterations} iterations")
     print_shares("kind", by_kind)
-    print_shares("phase", by_phase)
+    print_shares("pass", by_pass)
     print_shares("op type", dict(by_type.most_common(FLAGS.top)))
 
 

@@ -32,6 +32,10 @@ second derivatives. A third derivative is not provided (MAML needs two).
 import tensorflow as tf
 
 _AXES = [0, 1, 2]  # NHWC: statistics per channel
+# Name scopes of the derivative ops, which GradientTape's naming does not
+# reach inside custom gradients; benchmarks/profile_meta_step.py reads them.
+FIRST_DERIVATIVE_SCOPE = "batch_norm_first_derivative"
+SECOND_DERIVATIVE_SCOPE = "batch_norm_second_derivative"
 
 
 @tf.autograph.experimental.do_not_convert  # AutoGraph would drop the custom gradients
@@ -58,7 +62,8 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
             is_training=True)
 
         def gradient(d_outputs, unused_d_mean, unused_d_variance):
-            return backward(d_outputs, inputs, gamma, mean, variance, *reserve)
+            with tf.name_scope(FIRST_DERIVATIVE_SCOPE):
+                return backward(d_outputs, inputs, gamma, mean, variance, *reserve)
 
         return (outputs, mean, variance), gradient
 
@@ -70,8 +75,9 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
             is_training=True)
 
         def second_derivative(ddx, ddg, ddb):
-            d_dy, d_x, d_gamma = _second_derivative(
-                dy, x, gamma, mean, variance, db, dg, ddx, ddg, ddb, epsilon)
+            with tf.name_scope(SECOND_DERIVATIVE_SCOPE):
+                d_dy, d_x, d_gamma = _second_derivative(
+                    dy, x, gamma, mean, variance, db, dg, ddx, ddg, ddb, epsilon)
             return (d_dy, d_x, d_gamma) + (None,) * (2 + len(reserve))
 
         return (dx, dg, db), second_derivative

@@ -105,17 +105,15 @@ class MetaLearner:
         variables = self.network.trainable_variables
         mixed = self.loss_scale is not None
         scale = self.loss_scale.scale.read_value() if mixed else None
-        # The name scopes let benchmarks/profile_meta_step.py split the time.
-        with tf.GradientTape() as tape, tf.name_scope("inner_loop"):
+        with tf.GradientTape() as tape:
             result = adapt_and_evaluate(
                 self.network, tasks, self.num_steps, second_order, target_steps,
                 compute_dtype=COMPUTE_DTYPE if mixed else tf.float32, loss_scale=scale)
             loss = tf.reduce_sum(result["target_losses"] * weights)
             # The inner losses carry the same scale (see mixed_precision.py).
             scaled_loss = loss * scale if mixed else loss
-        with tf.name_scope("outer_backward"):
-            gradients = tape.gradient(
-                scaled_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        gradients = tape.gradient(
+            scaled_loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         if mixed:
             gradients = [gradient / scale for gradient in gradients]
         return {
