@@ -67,6 +67,16 @@ def test_parallel_tasks_give_the_plain_step(second_order):
     assert plain_figures["update_norm"] > 0
 
 
+def test_parallel_tasks_reach_the_task_loop():
+    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8)
+    network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 3, parallel_tasks=3)
+    graph = learner._replica_train_step.get_concrete_function(
+        tasks, tf.constant([0.3, 0.7]), False, True).graph
+    loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
+    assert [op.get_attr("parallel_iterations") for op in loops] == [3]
+
+
 @pytest.mark.parametrize("fold_tasks", [False, True], ids=["task by task", "folded"])
 @pytest.mark.parametrize("second_order", [False, True])
 def test_the_xla_compiled_step_gives_the_plain_step(second_order, fold_tasks):
