@@ -6,8 +6,8 @@ FusedBatchNormGrad by rebuilding the backward pass from element-wise ops and
 differentiating them: about thirty passes over the activations, the largest
 share of a second-order meta-step on a CPU. Here the fused kernels do the
 forward and first backward passes, and the derivative of the backward pass
-is written out: five reductions and about a dozen element-wise ops, with
-every other term a per-channel coefficient.
+is written out so that the fused kernels do most of it too: about eight
+passes over the activations, every other term a per-channel coefficient.
 
 Derivation, per channel over the M = N*H*W positions, with xh the normalised
 input, inv = 1/sqrt(biased variance + eps) and a = gamma * inv. The backward
@@ -25,13 +25,20 @@ c = ddg - a * p. Then
               with G = c * dy - a * dg/M * ddx,
 
 where mean(G) and mean(G * xh) follow from per-channel sums already taken.
-tests/test_per_step_batch_norm.py checks all of it against TensorFlow's own
-second derivatives. A third derivative is not provided (MAML needs two).
+The backward pass is linear in its upstream gradient, so the fused backward
+kernel fed ddx returns a * (ddx - mean(ddx) - xh * p) together with sum(ddx)
+and sum(ddx * xh): d dy is that plus ddg * xh + ddb, which the fused
+inference kernel computes from x in one pass, as it does the xh term of d x.
+The one sum left, sum(ddx * dy), is the filter gradient of a 1x1 depthwise
+convolution. tests/test_batch_norm_kernel.py checks all of it against
+TensorFlow's own second derivatives. A third derivative is not provided
+(MAML needs two).
 """
+
+import functools
 
 import tensorflow as tf
 
-_AXES = [0, 1, 2]  # NHWC: statistics per channel
 # Name scopes of the derivative ops, which GradientTape's naming does not
 # reach inside custom gradients; benchmarks/profile_meta_step.py reads them.
 FIRST_DERIVATIVE_SCOPE = "batch_norm_first_derivative"
@@ -77,7 +84,7 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
         def second_derivative(ddx, ddg, ddb):
             with tf.name_scope(SECOND_DERIVATIVE_SCOPE):
                 d_dy, d_x, d_gamma = _second_derivative(
-                    dy, x, gamma, mean, variance, db, dg, ddx, ddg, ddb, epsilon)
+                    dy, x, gamma, mean, variance, reserve, db, dg, ddx, ddg, ddb, epsilon)
             return (d_dy, d_x, d_gamma) + (None,) * (2 + len(reserve))
 
         return (dx, dg, db), second_derivative
@@ -85,23 +92,45 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
     return normalise(inputs, gamma, beta)
 
 
-def _second_derivative(dy, x, gamma, mean, variance, db, dg, ddx, ddg, ddb, epsilon):
+def _second_derivative(dy, x, gamma, mean, variance, reserve, db, dg, ddx, ddg, ddb, epsilon):
     """Gradients for (dy, x, gamma) of the backward pass, given (ddx, ddg, ddb); see above."""
-    dtype = x.dtype
-    dy, x, ddx = (tf.cast(t, tf.float32) for t in (dy, x, ddx))
     size = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
-    inv = tf.math.rsqrt(variance * ((size - 1) / size) + epsilon)
-    xh = (x - mean) * inv
+    biased_variance = variance * ((size - 1) / size)
+    inv = tf.math.rsqrt(biased_variance + epsilon)
     a = gamma * inv
+    projected, ddx_xh_sum, ddx_sum, _, _ = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=ddx, x=x, scale=gamma, reserve_space_1=reserve[0], reserve_space_2=reserve[1],
+        reserve_space_3=reserve[2], epsilon=epsilon, is_training=True)
+    normalised = functools.partial(_scaled_normalised, x, mean, biased_variance, epsilon)
+    d_dy = _to_float32(projected) + normalised(ddg, ddb)
+    dy, ddx = _to_float32(dy), _to_float32(ddx)
     dy_mean, dy_xh_mean = db / size, dg / size
-    ddx_mean = tf.reduce_mean(ddx, _AXES)
-    p = tf.reduce_mean(ddx * xh, _AXES)
-    q = tf.reduce_sum(ddx * dy, _AXES) - size * (dy_mean * ddx_mean + dy_xh_mean * p)
+    ddx_mean, p = ddx_sum / size, ddx_xh_sum / size
+    q = _channel_dot(ddx, dy) - size * (dy_mean * ddx_mean + dy_xh_mean * p)
     c = ddg - a * p
-    d_dy = a * ddx + c * xh + (ddb - a * ddx_mean)
     k = a * dy_xh_mean  # G = c * dy - k * ddx
     g_mean = c * dy_mean - k * ddx_mean
     g_xh_mean = c * dy_xh_mean - k * p
     d_x = (dy * (inv * c) - ddx * (inv * k)
-           - xh * (inv * (g_xh_mean + gamma * q * inv / size)) - inv * g_mean)
-    return tf.cast(d_dy, dtype), tf.cast(d_x, dtype), inv * q
+           + normalised(-inv * (g_xh_mean + gamma * q * inv / size), -inv * g_mean))
+    return tf.cast(d_dy, x.dtype), tf.cast(d_x, x.dtype), inv * q
+
+
+def _scaled_normalised(x, mean, biased_variance, epsilon, scale, offset):
+    """scale * xh + offset, float32, in one pass of the fused inference kernel."""
+    outputs = tf.raw_ops.FusedBatchNormV3(
+        x=x, scale=scale, offset=offset, mean=mean, variance=biased_variance, epsilon=epsilon,
+        is_training=False)[0]
+    return _to_float32(outputs)
+
+
+def _to_float32(tensor):
+    return tf.cast(tensor, tf.float32)
+
+
+def _channel_dot(a, b):
+    """sum(a * b) per channel of NHWC tensors, in one pass and no product tensor."""
+    channels = a.shape[-1]
+    filter_gradient = tf.nn.depthwise_conv2d_backprop_filter(
+        a, [1, 1, channels, 1], b, strides=[1, 1, 1, 1], padding="VALID")
+    return tf.reshape(filter_gradient, [channels])
