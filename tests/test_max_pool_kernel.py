@@ -1,0 +1,71 @@
+"""The mask-based second derivative of max-pooling equals TensorFlow's own."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_mamlpp.max_pool_kernel import SECOND_DERIVATIVE_SCOPE, max_pool_2x2
+
+
+def tensorflow_max_pool(x):
+    return tf.nn.max_pool2d(x, 2, 2, "VALID")
+
+
+def first_and_second_derivatives(pool, x, seed=1):
+    """An inner gradient of a smooth loss of the pooled input, and the gradient of a loss of it."""
+    rng = np.random.default_rng(seed)
+    probe = tf.constant(rng.normal(size=x.shape), tf.float32)
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            pooled = tf.cast(pool(x), tf.float32)
+            loss = tf.reduce_sum(tf.sin(pooled) * tf.cos(2 * pooled))
+        dx = inner.gradient(loss, x)
+        outer_loss = tf.reduce_sum(tf.cast(dx, tf.float32) * probe)
+    return pool(x), dx, outer.gradient(outer_loss, x)
+
+
+def ties(shape, dtype=tf.float32):
+    """Integers from a narrow range: most 2x2 windows hold their maximum twice or more."""
+    rng = np.random.default_rng(0)
+    return tf.constant(rng.integers(-2, 3, size=shape), dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 6, 4), (2, 7, 5, 3), (1, 2, 2, 1)])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
+def test_derivatives_equal_tensorflows_with_ties(shape, compiled):
+    x = ties(shape)
+    run = tf.function(first_and_second_derivatives) if compiled else first_and_second_derivatives
+    actual = run(max_pool_2x2, x)
+    expected = first_and_second_derivatives(tensorflow_max_pool, x)
+    assert float(tf.reduce_max(tf.abs(expected[2]))) > 0  # the second derivative is exercised
+    for name, got, want in zip(["pooled", "dx", "d2 x"], actual, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_float16_inputs():
+    x = ties((2, 6, 6, 3))
+    expected = first_and_second_derivatives(max_pool_2x2, x)
+    actual = first_and_second_derivatives(max_pool_2x2, tf.cast(x, tf.float16))
+    assert actual[1].dtype == actual[2].dtype == tf.float16
+    for got, want in zip(actual, expected):
+        np.testing.assert_allclose(tf.cast(got, tf.float32), want, rtol=1e-2, atol=1e-2)
+
+
+def test_the_second_order_meta_step_uses_the_mask():
+    from tf_mamlpp.inner_loop import adapt_and_evaluate
+    from tf_mamlpp.network import MamlppNetwork
+
+    network = MamlppNetwork(2, (8, 8, 1), 1, filters=4, num_stages=2)
+    tasks = {"support_images": tf.zeros((1, 2, 8, 8, 1)), "support_labels": tf.constant([[0, 1]]),
+             "target_images": tf.zeros((1, 2, 8, 8, 1)), "target_labels": tf.constant([[0, 1]])}
+
+    def meta_gradient():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(adapt_and_evaluate(network, tasks, 1, True, [0])["target_losses"])
+        return tape.gradient(loss, network.trainable_variables)
+
+    operations = tf.function(meta_gradient).get_concrete_function().graph.get_operations()
+    assert any(SECOND_DERIVATIVE_SCOPE in op.name for op in operations)
+    assert not any(op.type == "MaxPoolGradGrad" for op in operations)
