@@ -1,17 +1,27 @@
-"""2x2 max-pooling whose second derivative is a mask and a window sum.
+"""ReLU then 2x2 max-pooling, with derivatives that touch the full-size input least.
 
 Max-pooling's backward pass routes each window's gradient to the window's
 maximum: it is linear in the upstream gradient, dx = P dy, with P fixed by
-the input. Second-order MAML differentiates it, and TensorFlow does that with
-MaxPoolGradGrad, which searches every window for its maximum again, on one
-core. Because the windows do not overlap, P's transpose is simpler: the
-backward kernel fed ones marks where P routes (the mask), and P^T ddx is the
-sum over each window of mask * ddx. That is exact whatever the kernel does
-with ties (the first maximum, or each of them), since the mask comes from
-the same kernel as the first derivative; on this CPU it is about three times
-faster than MaxPoolGradGrad. tests/test_max_pool_kernel.py checks both
-derivatives against TensorFlow's, ties included. A third derivative is not
-provided (MAML needs two).
+the input. Two consequences make a stage's derivatives cheaper than
+TensorFlow's:
+
+- The ReLU's derivative can be taken on the pooled values. The position a
+  window routes to holds the window's maximum, which is positive exactly when
+  the pooled value is, so ReluGrad(P dy, relu(x)) = P ReluGrad(dy, pooled):
+  a quarter of the values, in the first and in the second derivative.
+- Second-order MAML differentiates the backward pass, and TensorFlow does
+  that with MaxPoolGradGrad, which searches every window for its maximum
+  again, on one core. Because the windows do not overlap, P's transpose is
+  simpler: the backward kernel fed ones marks where P routes (the mask), and
+  P^T ddx is the sum over each window of mask * ddx. That is exact whatever
+  the kernel does with ties (the first maximum, or each of them), since the
+  mask comes from the same kernel as the first derivative; on this CPU it
+  is about three times faster than MaxPoolGradGrad.
+
+The forward pass is TensorFlow's, so the ReLU still fuses into the batch norm
+before it. tests/test_max_pool_kernel.py checks both derivatives against
+TensorFlow's, ties included. A third derivative is not provided (MAML needs
+two).
 """
 
 import tensorflow as tf
@@ -22,29 +32,36 @@ SECOND_DERIVATIVE_SCOPE = "max_pool_second_derivative"
 
 
 @tf.autograph.experimental.do_not_convert  # AutoGraph would drop the custom gradients
-def max_pool_2x2(inputs):
-    """2x2 max-pooling with stride 2 and VALID padding of NHWC `inputs`."""
+def relu_max_pool_2x2(inputs):
+    """max_pool(relu(inputs)), 2x2 windows, stride 2, VALID padding, NHWC."""
 
     @tf.custom_gradient
-    def pool(x):
-        y = tf.nn.max_pool2d(x, 2, 2, "VALID")
+    def relu_pool(x):
+        rectified = tf.nn.relu(x)
+        pooled = tf.nn.max_pool2d(rectified, 2, 2, "VALID")
 
-        def gradient(dy):
-            return backward(dy, x, y)
+        def gradient(d_pooled):
+            return backward(d_pooled, rectified, pooled)
 
-        return y, gradient
+        return pooled, gradient
 
     @tf.custom_gradient
-    def backward(dy, x, y):
-        dx = gen_nn_ops.max_pool_grad(x, y, dy, WINDOW, WINDOW, "VALID")
+    def backward(d_pooled, rectified, pooled):
+        dx = _route(rectified, pooled, tf.raw_ops.ReluGrad(gradients=d_pooled, features=pooled))
 
         def second_derivative(ddx):
             with tf.name_scope(SECOND_DERIVATIVE_SCOPE):
-                mask = gen_nn_ops.max_pool_grad(x, y, tf.ones_like(y), WINDOW, WINDOW, "VALID")
-                # The window mean of a 2x2 window times 4 is its sum, exactly.
-                d_dy = tf.nn.avg_pool2d(mask * ddx, 2, 2, "VALID") * 4
-            return d_dy, None, None  # dx is piecewise constant in x and y
+                mask = _route(rectified, pooled, tf.ones_like(pooled))
+                # The mean of a 2x2 window times 4 is its sum, exactly.
+                routed_back = tf.nn.avg_pool2d(mask * ddx, 2, 2, "VALID") * 4
+                d_d_pooled = tf.raw_ops.ReluGrad(gradients=routed_back, features=pooled)
+            return d_d_pooled, None, None  # dx is piecewise constant in x
 
         return dx, second_derivative
 
-    return pool(inputs)
+    return relu_pool(inputs)
+
+
+def _route(rectified, pooled, d_pooled):
+    """P d_pooled: each window's gradient to the position of its maximum."""
+    return gen_nn_ops.max_pool_grad(rectified, pooled, d_pooled, WINDOW, WINDOW, "VALID")

@@ -14,7 +14,7 @@ see mixed_precision.py); variables and fast weights stay float32.
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.max_pool_kernel import max_pool_2x2
+from tf_mamlpp.max_pool_kernel import relu_max_pool_2x2
 from tf_mamlpp.per_step_batch_norm import BATCH, PerStepBatchNorm
 
 
@@ -157,7 +157,7 @@ class MamlppNetwork(keras.Model):
             x = tf.nn.conv2d(x, kernel, 1, "SAME")
             x, mean, variance = norm(x, step=step, mode=bn_mode)
             statistics.append((mean, variance))
-            x = max_pool_2x2(tf.nn.relu(x))
+            x = relu_max_pool_2x2(x)
         features = unfold_tasks(x, self.filters)  # (tasks, batch, h, w, filters)
         return tf.reshape(features, (tf.shape(features)[0], -1, self.feature_size)), statistics
 
