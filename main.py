@@ -191,8 +191,7 @@ def run():
     cpu_threads.configure(parallel_tasks)  # before TensorFlow runs its first op
     strategy = make_strategy(FLAGS.strategy)
     if FLAGS.mode == "train" and FLAGS.mixed_precision:  # before anything is written
-        mixed_precision.check_support(FLAGS.fold_tasks, FLAGS.jit_compile,
-                                      resolved_config().second_order)
+        mixed_precision.check_support(FLAGS.fold_tasks)
     tf.config.run_functions_eagerly(FLAGS.run_eagerly)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -11,9 +11,9 @@ pass follows from the op's name: GradientTape names each gradient op
 op (support and target passes of the inner loop, and the optimizer), one
 prefix a first derivative (the inner gradients, and the outer backward
 through the forward passes) and two a second derivative (the outer backward
-through the inner gradients: what second order adds). Batch norm's
-derivatives are custom gradients, which that naming does not reach; they
-carry name scopes of their own. The AddN ops that sum a tensor's gradients
+through the inner gradients: what second order adds). The derivatives of
+batch norm and of ReLU with max-pooling are custom gradients, which that
+naming does not reach; they carry name scopes of their own. The AddN ops that sum a tensor's gradients
 are named after no forward op and get a line of their own.
 """
 
@@ -35,7 +35,7 @@ GRADIENT_SUMS = "gradient accumulation (AddN, AssignAdd)"
 KINDS = [
     ("convolutions", ("Conv2D",)),
     ("batch norm kernels", ("FusedBatchNorm",)),
-    ("max-pool and its gradients", ("MaxPool",)),
+    ("max-pool and its gradients", ("Pool",)),
     (GRADIENT_SUMS, ("AddN", "AssignAdd", "Assign", "TemporaryVariable")),
     ("ReLU gradients", ("ReluGrad",)),
     ("head matmul", ("MatMul",)),
@@ -53,13 +53,14 @@ def kind_of(op_type):
 
 
 def pass_of(op_name, op_type):
-    from tf_mamlpp.batch_norm_kernel import FIRST_DERIVATIVE_SCOPE, SECOND_DERIVATIVE_SCOPE
+    from tf_mamlpp import batch_norm_kernel, max_pool_kernel
     if kind_of(op_type) == GRADIENT_SUMS:  # named after no forward op
         return "sums of a tensor's gradients from its uses"
-    if SECOND_DERIVATIVE_SCOPE in op_name:
-        return PASSES[2]
-    if FIRST_DERIVATIVE_SCOPE in op_name:
-        return PASSES[1]
+    for kernel in (batch_norm_kernel, max_pool_kernel):
+        if kernel.SECOND_DERIVATIVE_SCOPE in op_name:
+            return PASSES[2]
+        if kernel.FIRST_DERIVATIVE_SCOPE in op_name:
+            return PASSES[1]
     return PASSES[min(op_name.count("gradient_tape/"), 2)]
 
 

@@ -28,6 +28,9 @@ import tensorflow as tf
 from tensorflow.python.ops import gen_nn_ops
 
 WINDOW = [1, 2, 2, 1]  # NHWC: 2x2 windows, stride 2
+# Name scopes of the derivative ops, which GradientTape's naming does not
+# reach inside custom gradients; benchmarks/profile_meta_step.py reads them.
+FIRST_DERIVATIVE_SCOPE = "max_pool_first_derivative"
 SECOND_DERIVATIVE_SCOPE = "max_pool_second_derivative"
 
 
@@ -41,7 +44,8 @@ def relu_max_pool_2x2(inputs):
         pooled = tf.nn.max_pool2d(rectified, 2, 2, "VALID")
 
         def gradient(d_pooled):
-            return backward(d_pooled, rectified, pooled)
+            with tf.name_scope(FIRST_DERIVATIVE_SCOPE):
+                return backward(d_pooled, rectified, pooled)
 
         return pooled, gradient
 

@@ -74,17 +74,13 @@ def all_finite(tensors):
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
 
 
-def check_support(fold_tasks, jit_compile, second_order):
+def check_support(fold_tasks):
     """Refuses settings that TensorFlow cannot run in float16; warns that a CPU is slow at it.
 
     Raises:
-      ValueError: naming the conflicting flag: XLA has no float16 second
-        derivative of max-pooling on any device; a host without a GPU has no
+      ValueError: naming the conflicting flag: a host without a GPU has no
         float16 gradients of grouped convolutions.
     """
-    if jit_compile and second_order:
-        raise ValueError("--jit_compile with --mixed_precision needs --second_order=false: XLA "
-                         "has no float16 second derivative of max-pooling (MaxPoolGradGrad)")
     if tf.config.list_physical_devices("GPU"):
         return
     if fold_tasks:
