@@ -37,6 +37,7 @@ TensorFlow's own second derivatives. A third derivative is not provided
 
 import functools
 
+import numpy as np
 import tensorflow as tf
 
 # Name scopes of the derivative ops, which GradientTape's naming does not
@@ -102,7 +103,9 @@ def _second_derivative(dy, x, gamma, mean, variance, reserve, db, dg, ddx, ddg, 
         y_backprop=ddx, x=x, scale=gamma, reserve_space_1=reserve[0], reserve_space_2=reserve[1],
         reserve_space_3=reserve[2], epsilon=epsilon, is_training=True)
     normalised = functools.partial(_scaled_normalised, x, mean, biased_variance, epsilon)
-    d_dy = _to_float32(projected) + normalised(ddg, ddb)
+    d_dy = _to_float32(projected)
+    if not (_known_zero(ddg) and _known_zero(ddb)):
+        d_dy += normalised(ddg, ddb)
     dy, ddx = _to_float32(dy), _to_float32(ddx)
     dy_mean, dy_xh_mean = db / size, dg / size
     ddx_mean, p = ddx_sum / size, ddx_xh_sum / size
@@ -122,6 +125,16 @@ def _scaled_normalised(x, mean, biased_variance, epsilon, scale, offset):
         x=x, scale=scale, offset=offset, mean=mean, variance=biased_variance, epsilon=epsilon,
         is_training=False)[0]
     return _to_float32(outputs)
+
+
+def _known_zero(tensor):
+    """Whether `tensor` is zero before it runs.
+
+    MAML's inner loop adapts no batch-norm weights, so the outer tape sends
+    constant zeros for the gradients of dg and db; their term is left out.
+    """
+    value = tf.get_static_value(tensor)
+    return value is not None and not np.any(value)
 
 
 def _to_float32(tensor):
