@@ -1,4 +1,5 @@
-"""Shared fixtures: random few-shot task batches and adaptation done by hand.
+"""Shared fixtures: random few-shot task batches, adaptation done by hand, and the
+ops of a traced second-order meta-step.
 
 The network's fused batch norm runs in float32 only (FusedBatchNormV3 has no
 float64 kernel, and grouped-convolution gradients have none on CPU), so the
@@ -89,3 +90,21 @@ def adapt_by_hand():
         return record
 
     return adapt
+
+
+@pytest.fixture(scope="session")
+def second_order_meta_step_ops():
+    """The operations of a tiny second-order meta-gradient's traced graph."""
+    from tf_mamlpp.inner_loop import adapt_and_evaluate
+    from tf_mamlpp.network import MamlppNetwork
+
+    network = MamlppNetwork(2, (8, 8, 1), 1, filters=4, num_stages=2)
+    tasks = {"support_images": tf.zeros((1, 2, 8, 8, 1)), "support_labels": tf.constant([[0, 1]]),
+             "target_images": tf.zeros((1, 2, 8, 8, 1)), "target_labels": tf.constant([[0, 1]])}
+
+    def meta_gradient():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(adapt_and_evaluate(network, tasks, 1, True, [0])["target_losses"])
+        return tape.gradient(loss, network.trainable_variables)
+
+    return tf.function(meta_gradient).get_concrete_function().graph.get_operations()

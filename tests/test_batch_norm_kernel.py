@@ -91,20 +91,8 @@ def test_float16_inputs_give_float16_gradients_close_to_float32():
                                    atol=0.02 * np.abs(want).max(), err_msg=name)
 
 
-def test_the_second_order_meta_step_uses_the_closed_form():
+def test_the_second_order_meta_step_uses_the_closed_form(second_order_meta_step_ops):
     from tf_mamlpp.batch_norm_kernel import SECOND_DERIVATIVE_SCOPE
-    from tf_mamlpp.inner_loop import adapt_and_evaluate
-    from tf_mamlpp.network import MamlppNetwork
 
-    network = MamlppNetwork(2, (8, 8, 1), 1, filters=4, num_stages=2)
-    tasks = {"support_images": tf.zeros((1, 2, 8, 8, 1)), "support_labels": tf.constant([[0, 1]]),
-             "target_images": tf.zeros((1, 2, 8, 8, 1)), "target_labels": tf.constant([[0, 1]])}
-
-    def meta_gradient():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(adapt_and_evaluate(network, tasks, 1, True, [0])["target_losses"])
-        return tape.gradient(loss, network.trainable_variables)
-
-    graph = tf.function(meta_gradient).get_concrete_function().graph
-    assert any(SECOND_DERIVATIVE_SCOPE in op.name for op in graph.get_operations())
-    assert not any(op.type == "FusedBatchNormGradGradV3" for op in graph.get_operations())
+    assert any(SECOND_DERIVATIVE_SCOPE in op.name for op in second_order_meta_step_ops)
+    assert not any(op.type == "FusedBatchNormGradGradV3" for op in second_order_meta_step_ops)
