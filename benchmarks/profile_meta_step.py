@@ -13,8 +13,9 @@ prefix a first derivative (the inner gradients, and the outer backward
 through the forward passes) and two a second derivative (the outer backward
 through the inner gradients: what second order adds). The derivatives of
 batch norm and of ReLU with max-pooling are custom gradients, which that
-naming does not reach; they carry name scopes of their own. The AddN ops that sum a tensor's gradients
-are named after no forward op and get a line of their own.
+naming does not reach; they carry name scopes of their own. The AddN ops
+that sum a tensor's gradients are named after no forward op and get a line
+of their own.
 """
 
 import collections

@@ -12,18 +12,27 @@ def tensorflow_relu_max_pool(x):
 
 
 def first_and_second_derivatives(pool, x, seed=1):
-    """An inner gradient of a smooth loss of the pooled input, and the gradient of a loss of it."""
+    """An inner gradient of a loss of the pooled input, and the gradient of a loss of it.
+
+    The inner loss is smooth in the pooled values, so the upstream gradient
+    depends on x; it also has a term linear in them, whose weights reach the
+    upstream gradient by another path than x, as a network's weights do.
+    Returns the pooled values, dx, and the outer gradients for x and those
+    weights.
+    """
     rng = np.random.default_rng(seed)
     probe = tf.constant(rng.normal(size=x.shape), tf.float32)
+    pooled_shape = (x.shape[0], x.shape[1] // 2, x.shape[2] // 2, x.shape[3])
+    weights = tf.constant(rng.normal(size=pooled_shape), tf.float32)
     with tf.GradientTape() as outer:
-        outer.watch(x)
+        outer.watch([x, weights])
         with tf.GradientTape() as inner:
             inner.watch(x)
             pooled = tf.cast(pool(x), tf.float32)
-            loss = tf.reduce_sum(tf.sin(pooled) * tf.cos(2 * pooled))
+            loss = tf.reduce_sum(tf.sin(pooled) * tf.cos(2 * pooled) + pooled * weights)
         dx = inner.gradient(loss, x)
         outer_loss = tf.reduce_sum(tf.cast(dx, tf.float32) * probe)
-    return pool(x), dx, outer.gradient(outer_loss, x)
+    return (pool(x), dx, *outer.gradient(outer_loss, [x, weights]))
 
 
 def ties(shape, dtype=tf.float32):
@@ -40,8 +49,9 @@ def test_derivatives_equal_tensorflows_with_ties(shape, compiled):
     run = tf.function(first_and_second_derivatives) if compiled else first_and_second_derivatives
     actual = run(relu_max_pool_2x2, x)
     expected = first_and_second_derivatives(tensorflow_relu_max_pool, x)
-    assert float(tf.reduce_max(tf.abs(expected[2]))) > 0  # the second derivative is exercised
-    for name, got, want in zip(["pooled", "dx", "d2 x"], actual, expected):
+    for second_derivative in expected[2:]:  # both are exercised
+        assert float(tf.reduce_max(tf.abs(second_derivative))) > 0
+    for name, got, want in zip(["pooled", "dx", "d2 x", "d2 weights"], actual, expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
