@@ -2,24 +2,27 @@
 
     python benchmarks/meta_iteration.py                  # the four paper configurations
     python benchmarks/meta_iteration.py --iterations=20 --variants=fold,loop
+    python benchmarks/meta_iteration.py --reference_dir=PATH   # and the reference, same run
 
 Each configuration runs in its own subprocess, so its peak resident memory is
 its own. Random images stand in for Omniglot (28x28x1): the step's cost does
 not depend on the pixels. The reference figures are the paper's PyTorch
-implementation measured on the same 2-core machines (see README.md). The
-FLOP rate counts the convolutions and matrix products of the step (see
+implementation: with --reference_dir (a checkout of it, and PyTorch
+installed) measured in the same run (reference_maml.py), else as quoted for
+these 2-core machines (random_tasks.QUOTED_REFERENCE). The FLOP rate
+counts the convolutions and matrix products of the step (see
 flops.py) and sets it beside a 4096x4096 matmul timed in the same run.
 """
 
 import json
-import resource
-import subprocess
 import sys
-import time
 
 from absl import app, flags
 
-from random_tasks import BATCH_SIZE, INNER_STEPS, QUERY, random_batch
+from measurement import peak_gb, run_json_child, time_step
+from random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
+                          config_names, random_batch)
+from reference_maml import check_checkout, measure as measure_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
@@ -29,19 +32,18 @@ flags.DEFINE_list("variants", ["parallel"], "Task batching to measure: parallel 
                   "Default parallel.")
 flags.DEFINE_list("configs", None, "Names of the configurations to run, with _ for spaces. Default: all.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false.")
+flags.DEFINE_bool("mixed_precision", False, "Compute the meta-step in 16 bits, as main.py's "
+                  "--mixed_precision (bfloat16 on a CPU, float16 on a GPU). Default false.")
 flags.DEFINE_bool("scaling", False, "Instead of the paper's configurations, measure 5-way "
                   "1-shot second order at 1, 2, 5 and 10 inner steps (batch 8) and at 1, 4, 8 and "
                   "16 tasks per meta-batch (5 steps). Default false.")
+flags.DEFINE_string("reference_dir", None, "A checkout of the paper's PyTorch implementation "
+                    "(AntreasAntoniou/HowToTrainYourMAMLPytorch), with PyTorch installed: its step "
+                    "is timed in the same run. Default: the figures quoted for these machines.")
 flags.DEFINE_string("child", None, "Internal: run one measurement and print it as JSON.")
 
-# name: (way, shot, second order, reference seconds, reference peak GB)
-CONFIGS = {
-    "20-way 1-shot": (20, 1, True, 2.8, 2.5),
-    "20-way 5-shot": (20, 5, True, 10.8, 7.4),
-    "5-way 1-shot": (5, 1, True, 1.03, 1.0),
-    "5-way 1-shot first order": (5, 1, False, 0.55, 0.7),
-}
-def measure(name, variant, iterations, jit_compile, inner_steps=INNER_STEPS,
+
+def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps=INNER_STEPS,
             batch_size=BATCH_SIZE):
     """Times one configuration in this process; returns a dict of figures."""
     import keras
@@ -50,51 +52,53 @@ def measure(name, variant, iterations, jit_compile, inner_steps=INNER_STEPS,
     from flops import graph_flops
     from tf_mamlpp import cpu_threads
     from tf_mamlpp.meta_learner import MetaLearner
+    from tf_mamlpp.mixed_precision import DynamicLossScale, compute_dtype
     from tf_mamlpp.network import MamlppNetwork
 
     parallel_tasks = cpu_threads.default_parallel_tasks() if variant == "parallel" else 1
     if variant == "parallel":
         cpu_threads.configure(parallel_tasks)
-    way, shot, second_order, _, _ = CONFIGS[name]
+    way, shot, second_order = CONFIGS[name]
     network = MamlppNetwork(way, (28, 28, 1), inner_steps)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-3), batch_size,
                           jit_compile=jit_compile, fold_tasks=variant == "fold",
-                          parallel_tasks=parallel_tasks)
+                          parallel_tasks=parallel_tasks,
+                          loss_scale=(DynamicLossScale(compute_dtype=compute_dtype())
+                                      if mixed_precision else None))
     batch = random_batch(way, shot, QUERY, batch_size)
     weights = tf.constant(np.full(inner_steps, 1 / inner_steps, np.float32))
-    started = time.monotonic()
-    float(learner.train_step(batch, weights, second_order, True)["loss"])
-    first_call = time.monotonic() - started
-    float(learner.train_step(batch, weights, second_order, True)["loss"])
-    times = []
-    for _ in range(iterations):
-        started = time.monotonic()
-        float(learner.train_step(batch, weights, second_order, True)["loss"])
-        times.append(time.monotonic() - started)
-    seconds = float(np.median(times))
+    first_call, seconds = time_step(
+        lambda: float(learner.train_step(batch, weights, second_order, True)["loss"]), iterations)
     # The step is one task's graph run batch_size times (map_fn), or the same
     # arithmetic folded; count one task's graph and scale it.
     one_task = random_batch(way, shot, QUERY, 1)
     task_graph = tf.function(learner._tasks_step).get_concrete_function(
         one_task, weights, second_order, True).graph
     flops = graph_flops(task_graph) * batch_size
-    return {"seconds": seconds, "first_call": first_call,
-            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    return {"seconds": seconds, "first_call": first_call, "peak_gb": peak_gb(),
             "gflop": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
 
 
 def run_child(name, variant, inner_steps=INNER_STEPS, batch_size=BATCH_SIZE):
-    command = [sys.executable, __file__, f"--child={name}|{variant}|{inner_steps}|{batch_size}",
-               f"--iterations={FLAGS.iterations}", f"--jit_compile={FLAGS.jit_compile}"]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_json_child([sys.executable, __file__,
+                           f"--child={name}|{variant}|{inner_steps}|{batch_size}",
+                           f"--iterations={FLAGS.iterations}", f"--jit_compile={FLAGS.jit_compile}",
+                           f"--mixed_precision={FLAGS.mixed_precision}"])
+
+
+def reference_figures(name, reference_dir):
+    """(seconds per iteration, peak GB) of the reference: measured now, or as quoted."""
+    if not reference_dir:
+        return QUOTED_REFERENCE[name]
+    figures = run_json_child([sys.executable, __file__, f"--child={name}|reference",
+                              f"--iterations={FLAGS.iterations}",
+                              f"--reference_dir={reference_dir}"])
+    return figures["seconds"], figures["peak_gb"]
 
 
 def run_matmul_child():
     """GFLOP/s of a large matmul, measured in a process of its own."""
-    command = [sys.executable, __file__, "--child=matmul"]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return float(output.strip().splitlines()[-1])
+    return run_json_child([sys.executable, __file__, "--child=matmul"])
 
 
 def main(argv):
@@ -104,31 +108,39 @@ def main(argv):
         print(matmul_flop_rate() / 1e9)
         return
     if FLAGS.child:
-        name, variant, inner_steps, batch_size = FLAGS.child.split("|")
-        print(json.dumps(measure(name, variant, FLAGS.iterations, FLAGS.jit_compile,
-                                 int(inner_steps), int(batch_size))))
+        name, variant, *sizes = FLAGS.child.split("|")
+        if variant == "reference":
+            print(json.dumps(measure_reference(name, FLAGS.iterations, FLAGS.reference_dir)))
+        else:
+            inner_steps, batch_size = map(int, sizes)
+            print(json.dumps(measure(name, variant, FLAGS.iterations, FLAGS.jit_compile,
+                                     FLAGS.mixed_precision, inner_steps, batch_size)))
         return
     if FLAGS.scaling:
         print_scaling()
         return
-    names = [name.replace("_", " ") for name in FLAGS.configs] if FLAGS.configs else list(CONFIGS)
-    # The machine's ceiling, with TensorFlow's default threads (all cores on one
-    # op). In a child: Linux keeps a parent's peak memory across fork and exec,
-    # so a parent holding TensorFlow would raise every child's figure.
+    try:
+        names = config_names(FLAGS.configs)
+        reference_dir = FLAGS.reference_dir and check_checkout(FLAGS.reference_dir)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    # The machine's ceiling, with TensorFlow's default threads (all cores on one op).
     matmul = run_matmul_child()
+    reference = "measured in this run" if reference_dir else "as quoted"
     print(f"batch {BATCH_SIZE} tasks, {INNER_STEPS} inner steps, query {QUERY}, "
-          f"median of {FLAGS.iterations} iterations, jit_compile={FLAGS.jit_compile}; "
-          f"4096x4096 matmul {matmul:.1f} GFLOP/s")
+          f"median of {FLAGS.iterations} iterations, jit_compile={FLAGS.jit_compile}, "
+          f"mixed_precision={FLAGS.mixed_precision}; "
+          f"4096x4096 matmul {matmul:.1f} GFLOP/s; reference {reference}")
     print(f"| configuration | variant | s/iter | reference s/iter | speed-up | peak GB "
           f"| reference GB | first call s | GFLOP/iter | GFLOP/s | of matmul |")
     print("| --- " * 11 + "|")
     for name in names:
+        reference_seconds, reference_gb = reference_figures(name, reference_dir)
         for variant in FLAGS.variants:
             figures = run_child(name, variant)
-            _, _, _, reference_seconds, reference_gb = CONFIGS[name]
-            print(f"| {name} | {variant} | {figures['seconds']:.3f} | {reference_seconds} "
+            print(f"| {name} | {variant} | {figures['seconds']:.3f} | {reference_seconds:.3g} "
                   f"| {reference_seconds / figures['seconds']:.2f}x | {figures['peak_gb']:.2f} "
-                  f"| {reference_gb} | {figures['first_call']:.1f} | {figures['gflop']:.1f} "
+                  f"| {reference_gb:.2f} | {figures['first_call']:.1f} | {figures['gflop']:.1f} "
                   f"| {figures['gflop_per_s']:.1f} | {figures['gflop_per_s'] / matmul:.0%} |",
                   flush=True)
 
