@@ -114,10 +114,10 @@ flags.DEFINE_bool("fold_tasks", False, "Run a meta-batch's tasks together as gro
 flags.DEFINE_integer("parallel_tasks", None, "Tasks of a meta-batch adapted at once, with "
                      "the cores shared out among them (see tf_mamlpp/cpu_threads.py). Default: "
                      "the number of cores on a CPU, 1 on a GPU.")
-flags.DEFINE_bool("mixed_precision", False, "Meta-train in float16 with float32 variables and "
-                  "a dynamic loss scale on the inner and outer losses, for GPUs with float16 "
-                  "units; validation, test and the export stay float32. Default false (slower "
-                  "on CPU).")
+flags.DEFINE_bool("mixed_precision", False, "Meta-train in 16 bits (float16 on a GPU, "
+                  "bfloat16 on a CPU) with float32 variables and a dynamic loss scale on the "
+                  "inner and outer losses; validation, test and the export stay float32. "
+                  "Default false.")
 
 CONFIG_FLAGS = ("data_dir", "image_size", "channels", "augment", "split_ratios",
                 "in_memory_limit_gb", "omniglot_split", "way", "shot", "query", "batch_size",
@@ -190,8 +190,8 @@ def run():
                       else FLAGS.parallel_tasks)
     cpu_threads.configure(parallel_tasks)  # before TensorFlow runs its first op
     strategy = make_strategy(FLAGS.strategy)
-    if FLAGS.mode == "train" and FLAGS.mixed_precision:  # before anything is written
-        mixed_precision.check_support(FLAGS.fold_tasks)
+    if FLAGS.mode == "train" and FLAGS.mixed_precision:
+        mixed_precision.warn_if_slow()
     tf.config.run_functions_eagerly(FLAGS.run_eagerly)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -51,7 +51,7 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
     """Normalises NHWC `inputs` with their batch statistics.
 
     Args:
-      inputs: (N, H, W, C) float32 or float16 activations.
+      inputs: (N, H, W, C) float32, float16 or bfloat16 activations.
       gamma, beta: (C,) float32 scale and offset.
       epsilon: Python float added to the variance before its square root.
 

@@ -43,8 +43,8 @@ def inner_update(network, fast_weights, support_images, support_labels, step,
       second_order: keep the inner gradient on any enclosing tape, so the
         meta-gradient includes its derivative; stop it otherwise.
       bn_mode: batch-norm statistics to normalise with.
-      compute_dtype: dtype of the forward and backward passes (float16
-        under mixed precision); the weights and their gradients stay float32.
+      compute_dtype: dtype of the forward and backward passes (float16 or
+        bfloat16 under mixed precision); the weights and their gradients stay float32.
       loss_scale: None, or a float32 scalar that the support loss is
         multiplied by before differentiating, and the gradients divided by
         after: a float16 backward pass of the unscaled loss underflows.

@@ -9,14 +9,14 @@ grouped convolutions and run together (see network.py). `tf.map_fn` runs
 order and whether the multi-step loss is active are Python arguments, so the
 function is traced once per combination in force, at most three times in a
 run, never per step. Under mixed precision (a `DynamicLossScale`) the
-meta-step computes in float16 with scaled losses, and an update whose
+meta-step computes in its 16-bit dtype with scaled losses, and an update whose
 meta-gradient is not finite is skipped; evaluation stays float32.
 """
 
 import tensorflow as tf
 
 from tf_mamlpp.inner_loop import adapt_and_evaluate
-from tf_mamlpp.mixed_precision import COMPUTE_DTYPE, all_finite
+from tf_mamlpp.mixed_precision import all_finite
 from tf_mamlpp.per_step_batch_norm import BATCH
 
 TASK_KEYS = ("support_images", "support_labels", "target_images", "target_labels")
@@ -39,7 +39,8 @@ class MetaLearner:
       parallel_tasks: with fold_tasks False, how many tasks run at once; the
         memory of that many tasks' graphs is alive at a time.
       loss_scale: None (float32), or the `DynamicLossScale` of a mixed-precision
-        run: the meta-step then computes in float16 and scales its losses.
+        run: the meta-step then computes in its `compute_dtype` and scales its
+        losses.
     """
 
     def __init__(self, network, optimizer, global_batch_size, strategy=None, jit_compile=False,
@@ -108,7 +109,8 @@ class MetaLearner:
         with tf.GradientTape() as tape:
             result = adapt_and_evaluate(
                 self.network, tasks, self.num_steps, second_order, target_steps,
-                compute_dtype=COMPUTE_DTYPE if mixed else tf.float32, loss_scale=scale)
+                compute_dtype=self.loss_scale.compute_dtype if mixed else tf.float32,
+                loss_scale=scale)
             loss = tf.reduce_sum(result["target_losses"] * weights)
             # The inner losses carry the same scale (see mixed_precision.py).
             scaled_loss = loss * scale if mixed else loss

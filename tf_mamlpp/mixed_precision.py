@@ -1,9 +1,12 @@
-"""Mixed precision for the meta-step: float16 arithmetic, float32 variables, a dynamic loss scale.
+"""Mixed precision for the meta-step: 16-bit arithmetic, float32 variables, a dynamic loss scale.
 
 Under `--mixed_precision` the meta-step's forward and backward passes compute
-in float16 (`COMPUTE_DTYPE`) while every variable, fast weight, learning rate
+in 16 bits (`compute_dtype`) while every variable, fast weight, learning rate
 and loss stays float32 (Micikevicius et al., 2018, "Mixed Precision
-Training"). Gradients of a few-shot loss are small enough to underflow in
+Training"): in float16 on a GPU, whose float16 units are its fast ones, and
+in bfloat16 on a CPU, where oneDNN runs bfloat16 convolutions on the CPU's
+bfloat16 instructions (AVX512-BF16, AMX) and TensorFlow has next to no
+float16 kernels. Gradients of a few-shot loss are small enough to underflow in
 float16, and second-order MAML differentiates through the inner gradients, so
 both losses are scaled before their tapes differentiate them and the
 gradients are divided back in float32:
@@ -18,7 +21,9 @@ network an outer scale 32 or 64 times the inner one agreed no better with
 float32 than one scale did. The scale is dynamic: a step whose
 meta-gradient is not finite (a scaled gradient overflowed, in the inner loop
 or outside it) is skipped and the scale halved; after `growth_steps` finite
-steps in a row it is doubled.
+steps in a row it is doubled. bfloat16 keeps float32's exponent range and
+would need no scale; the scale is kept there too (multiplying by a power of
+two is exact), so that one update rule and one checkpoint serve both.
 
 Validation, test and the SavedModel compute in float32: they have no update
 to skip when a scaled inner gradient overflows, adaptation without an outer
@@ -26,10 +31,15 @@ gradient is a small part of a run, and the export then adapts alike on any
 device.
 """
 
+import pathlib
+
 import tensorflow as tf
 from absl import logging
 
-COMPUTE_DTYPE = tf.float16
+
+def compute_dtype():
+    """The 16-bit dtype of a mixed-precision meta-step here: float16 with a GPU, else bfloat16."""
+    return tf.float16 if tf.config.list_physical_devices("GPU") else tf.bfloat16
 
 
 class DynamicLossScale(tf.Module):
@@ -44,11 +54,15 @@ class DynamicLossScale(tf.Module):
         high costs one skipped step per halving and one too low loses digits
         for `growth_steps` steps.
       growth_steps: finite steps in a row after which the scale doubles.
+      compute_dtype: the meta-step's 16-bit dtype, float16 or bfloat16 (see
+        `compute_dtype()`).
     """
 
-    def __init__(self, initial_scale=2.0**15, growth_steps=2000, name="loss_scale"):
+    def __init__(self, initial_scale=2.0**15, growth_steps=2000, compute_dtype=tf.float16,
+                 name="loss_scale"):
         super().__init__(name=name)
         self.growth_steps = growth_steps
+        self.compute_dtype = compute_dtype
         variable = lambda value, dtype, name: tf.Variable(
             value, dtype=dtype, trainable=False, name=name,
             aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
@@ -74,16 +88,17 @@ def all_finite(tensors):
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
 
 
-def check_support(fold_tasks):
-    """Refuses settings that TensorFlow cannot run in float16; warns that a CPU is slow at it.
+def warn_if_slow():
+    """Warns where `--mixed_precision` runs slower than float32: on a CPU without bfloat16 units."""
+    if not tf.config.list_physical_devices("GPU") and not cpu_has_bfloat16_units():
+        logging.warning("--mixed_precision without a GPU computes in bfloat16, which this CPU "
+                        "has no instructions for (AVX512-BF16 or AMX): slower than float32.")
 
-    Raises:
-      ValueError: naming the conflicting flag: a host without a GPU has no
-        float16 gradients of grouped convolutions.
-    """
-    if tf.config.list_physical_devices("GPU"):
-        return
-    if fold_tasks:
-        raise ValueError("--fold_tasks with --mixed_precision needs a GPU: TensorFlow has no "
-                         "float16 gradients of grouped convolutions on CPU")
-    logging.warning("--mixed_precision without a GPU: float16 is slower than float32 on CPU.")
+
+def cpu_has_bfloat16_units(cpuinfo=pathlib.Path("/proc/cpuinfo")):
+    """Whether the CPU has bfloat16 instructions, as Linux lists its flags; False where unknown."""
+    try:
+        flags = cpuinfo.read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -7,8 +7,8 @@ loop adapts, the per-step batch-norm banks, and the learned per-layer,
 per-step inner learning rates (LSLR). Its forward pass is a function of
 explicit fast weights, so the same model runs with its own variables or with
 adapted ones, and evaluating it changes no variable. The forward pass
-computes in the dtype each call asks for (float16 under --mixed_precision,
-see mixed_precision.py); variables and fast weights stay float32.
+computes in the dtype each call asks for (float16 or bfloat16 under
+--mixed_precision, see mixed_precision.py); variables and fast weights stay float32.
 """
 
 import keras
@@ -72,7 +72,7 @@ class MamlppNetwork(keras.Model):
             setattr(self, f"conv{i}_kernel", self.add_weight(
                 name=f"conv{i}_kernel", shape=(3, 3, in_channels, self.filters),
                 initializer="glorot_uniform"))
-            # autocast=False: Keras would cast a float16 input (see `embed`)
+            # autocast=False: Keras would cast a 16-bit input (see `embed`)
             # back to the layer's float32; the fused kernel takes either.
             norm = PerStepBatchNorm(
                 self.num_steps, self.per_step_bn_statistics, self.per_step_bn_affine,

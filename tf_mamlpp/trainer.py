@@ -14,9 +14,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_mamlpp import data, distribution, evaluation, export, schedules
+from tf_mamlpp import data, distribution, evaluation, export, mixed_precision, schedules
 from tf_mamlpp.meta_learner import MetaLearner
-from tf_mamlpp.mixed_precision import DynamicLossScale
 from tf_mamlpp.network import MamlppNetwork
 from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING
 from tf_mamlpp.progress import Progress
@@ -72,7 +71,9 @@ class Trainer:
         with self.strategy.scope():
             self.network = build_network(config)
             self.optimizer = build_optimizer(config)
-            self.loss_scale = DynamicLossScale() if config.mixed_precision else None
+            self.loss_scale = (
+                mixed_precision.DynamicLossScale(compute_dtype=mixed_precision.compute_dtype())
+                if config.mixed_precision else None)
             self.meta_learner = MetaLearner(
                 self.network, self.optimizer, config.batch_size, strategy=self.strategy,
                 jit_compile=jit_compile, fold_tasks=fold_tasks, loss_scale=self.loss_scale,
@@ -82,6 +83,8 @@ class Trainer:
         state = {"network": self.network, "optimizer": self.optimizer}
         if self.loss_scale is not None:
             state["loss_scale"] = self.loss_scale
+            logging.info("Mixed precision: the meta-step computes in %s, the variables stay "
+                         "float32.", self.loss_scale.compute_dtype.name)
         self.checkpoint = tf.train.Checkpoint(**state)
         self.writer = (tf.summary.create_file_writer(str(run_dir.path)) if self.is_chief
                        else tf.summary.create_noop_writer())
