@@ -79,10 +79,13 @@ flags.DEFINE_bool("bnwb", True, "BNWB: per-step batch-norm weights and biases. D
 flags.DEFINE_bool("lslr", True, "LSLR: learned per-layer, per-step inner learning rates. "
                   "Default true.")
 flags.DEFINE_bool("ca", True, "CA: cosine annealing of the meta learning rate. Default true.")
-flags.DEFINE_enum("bn_eval", None, ["running", "transductive"],
-                  "Batch-norm statistics at validation and test: running (per-step running "
-                  "banks, the paper's BNRS) or transductive (the task's own batch, as the "
-                  "reference code). Default transductive.")
+flags.DEFINE_enum("bn_mode", "transductive", ["transductive", "support", "task_norm", "running"],
+                  "Batch norm of the target (query) pass, in meta-training and evaluation "
+                  "alike: transductive (each batch by its own statistics, as the reference "
+                  "code; exported models then normalise queries by the support set's), support "
+                  "(MetaBN: the support set's statistics at the same weights), task_norm "
+                  "(TaskNorm-I: support and per-image moments blended by a learned weight) or "
+                  "running (BNRS: the per-step running banks). Default transductive.")
 flags.DEFINE_integer("val_tasks", 600, "Fixed validation tasks. Default 600.")
 flags.DEFINE_integer("test_tasks", 600, "Fixed test tasks. Default 600.")
 flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the task streams. Default 0.")
@@ -123,7 +126,7 @@ CONFIG_FLAGS = ("data_dir", "image_size", "channels", "augment", "split_ratios",
                 "in_memory_limit_gb", "omniglot_split", "way", "shot", "query", "batch_size",
                 "filters", "inner_steps", "eval_inner_steps", "inner_lr", "meta_lr", "min_meta_lr",
                 "epochs", "iters_per_epoch", "msl", "msl_epochs", "da", "first_order_epochs",
-                "second_order", "bnrs", "bnwb", "lslr", "ca", "bn_eval", "val_tasks",
+                "second_order", "bnrs", "bnwb", "lslr", "ca", "bn_mode", "val_tasks",
                 "test_tasks", "seed", "mixed_precision")
 
 
@@ -209,8 +212,12 @@ def run():
     if results:
         print(f"test accuracy {100 * results['test_accuracy']:.2f}% "
               f"± {100 * results['test_interval']:.2f} over {results['test_tasks']} tasks, "
-              f"ensemble of {len(results['models'])} checkpoints "
-              f"({run_dir.path / 'results.json'})")
+              f"ensemble of {len(results['models'])} checkpoints, {results['bn_mode']} batch "
+              f"norm ({run_dir.path / 'results.json'})")
+        if "serving" in results:
+            serving = results["serving"]
+            print(f"as exported ({serving['bn_mode']} batch norm): "
+                  f"{100 * serving['test_accuracy']:.2f}% ± {100 * serving['test_interval']:.2f}")
 
 
 def fail(error):
@@ -235,7 +242,8 @@ def parse_flags(argv):
     try:
         return FLAGS(argv)
     except flags.Error as error:
-        print(f"error: {error}", file=sys.stderr)
+        # absl starts some messages (a flagfile it cannot open) with its own "ERROR:: ".
+        print(f"error: {str(error).removeprefix('ERROR:: ')}", file=sys.stderr)
         sys.exit(2)
 
 

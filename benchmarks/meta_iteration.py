@@ -3,6 +3,7 @@
     python benchmarks/meta_iteration.py                  # the four paper configurations
     python benchmarks/meta_iteration.py --iterations=20 --variants=fold,loop
     python benchmarks/meta_iteration.py --reference_dir=PATH   # and the reference, same run
+    python benchmarks/meta_iteration.py --bn_modes=transductive,support,task_norm,running
 
 Each configuration runs in its own subprocess, so its peak resident memory is
 its own. Random images stand in for Omniglot (28x28x1): the step's cost does
@@ -14,6 +15,7 @@ counts the convolutions and matrix products of the step (see
 flops.py) and sets it beside a 4096x4096 matmul timed in the same run.
 """
 
+import itertools
 import json
 import sys
 
@@ -23,6 +25,7 @@ from measurement import peak_gb, run_json_child, time_step
 from random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
                           config_names, random_batch)
 from reference_maml import check_checkout, measure as measure_reference
+from tf_mamlpp.per_step_batch_norm import check_mode
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
@@ -31,6 +34,8 @@ flags.DEFINE_list("variants", ["parallel"], "Task batching to measure: parallel 
                   "after another, TensorFlow's default threads), fold (grouped convolutions). "
                   "Default parallel.")
 flags.DEFINE_list("configs", None, "Names of the configurations to run, with _ for spaces. Default: all.")
+flags.DEFINE_list("bn_modes", ["transductive"], "Batch-norm modes to measure (main.py's "
+                  "--bn_mode): transductive, support, task_norm, running. Default transductive.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false.")
 flags.DEFINE_bool("mixed_precision", False, "Compute the meta-step in 16 bits, as main.py's "
                   "--mixed_precision (bfloat16 on a CPU, float16 on a GPU). Default false.")
@@ -44,7 +49,7 @@ flags.DEFINE_string("child", None, "Internal: run one measurement and print it a
 
 
 def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps=INNER_STEPS,
-            batch_size=BATCH_SIZE):
+            batch_size=BATCH_SIZE, bn_mode="transductive"):
     """Times one configuration in this process; returns a dict of figures."""
     import keras
     import numpy as np
@@ -59,7 +64,7 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     if variant == "parallel":
         cpu_threads.configure(parallel_tasks)
     way, shot, second_order = CONFIGS[name]
-    network = MamlppNetwork(way, (28, 28, 1), inner_steps)
+    network = MamlppNetwork(way, (28, 28, 1), inner_steps, bn_mode=bn_mode)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-3), batch_size,
                           jit_compile=jit_compile, fold_tasks=variant == "fold",
                           parallel_tasks=parallel_tasks,
@@ -79,9 +84,10 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
             "gflop": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
 
 
-def run_child(name, variant, inner_steps=INNER_STEPS, batch_size=BATCH_SIZE):
+def run_child(name, variant, inner_steps=INNER_STEPS, batch_size=BATCH_SIZE,
+              bn_mode="transductive"):
     return run_json_child([sys.executable, __file__,
-                           f"--child={name}|{variant}|{inner_steps}|{batch_size}",
+                           f"--child={name}|{variant}|{inner_steps}|{batch_size}|{bn_mode}",
                            f"--iterations={FLAGS.iterations}", f"--jit_compile={FLAGS.jit_compile}",
                            f"--mixed_precision={FLAGS.mixed_precision}"])
 
@@ -112,15 +118,18 @@ def main(argv):
         if variant == "reference":
             print(json.dumps(measure_reference(name, FLAGS.iterations, FLAGS.reference_dir)))
         else:
-            inner_steps, batch_size = map(int, sizes)
+            inner_steps, batch_size, bn_mode = sizes
             print(json.dumps(measure(name, variant, FLAGS.iterations, FLAGS.jit_compile,
-                                     FLAGS.mixed_precision, inner_steps, batch_size)))
+                                     FLAGS.mixed_precision, int(inner_steps), int(batch_size),
+                                     bn_mode)))
         return
     if FLAGS.scaling:
         print_scaling()
         return
     try:
         names = config_names(FLAGS.configs)
+        for bn_mode in FLAGS.bn_modes:
+            check_mode(bn_mode)
         reference_dir = FLAGS.reference_dir and check_checkout(FLAGS.reference_dir)
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -131,14 +140,15 @@ def main(argv):
           f"median of {FLAGS.iterations} iterations, jit_compile={FLAGS.jit_compile}, "
           f"mixed_precision={FLAGS.mixed_precision}; "
           f"4096x4096 matmul {matmul:.1f} GFLOP/s; reference {reference}")
-    print(f"| configuration | variant | s/iter | reference s/iter | speed-up | peak GB "
-          f"| reference GB | first call s | GFLOP/iter | GFLOP/s | of matmul |")
-    print("| --- " * 11 + "|")
+    print("| configuration | variant | batch norm | s/iter | reference s/iter | speed-up "
+          "| peak GB | reference GB | first call s | GFLOP/iter | GFLOP/s | of matmul |")
+    print("| --- " * 12 + "|")
     for name in names:
         reference_seconds, reference_gb = reference_figures(name, reference_dir)
-        for variant in FLAGS.variants:
-            figures = run_child(name, variant)
-            print(f"| {name} | {variant} | {figures['seconds']:.3f} | {reference_seconds:.3g} "
+        for variant, bn_mode in itertools.product(FLAGS.variants, FLAGS.bn_modes):
+            figures = run_child(name, variant, bn_mode=bn_mode)
+            print(f"| {name} | {variant} | {bn_mode} | {figures['seconds']:.3f} "
+                  f"| {reference_seconds:.3g} "
                   f"| {reference_seconds / figures['seconds']:.2f}x | {figures['peak_gb']:.2f} "
                   f"| {reference_gb:.2f} | {figures['first_call']:.1f} | {figures['gflop']:.1f} "
                   f"| {figures['gflop_per_s']:.1f} | {figures['gflop_per_s'] / matmul:.0%} |",

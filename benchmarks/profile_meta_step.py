@@ -38,7 +38,7 @@ KINDS = [
     ("batch norm kernels", ("FusedBatchNorm",)),
     ("max-pool and its gradients", ("Pool",)),
     (GRADIENT_SUMS, ("AddN", "AssignAdd", "Assign", "TemporaryVariable")),
-    ("ReLU gradients", ("ReluGrad",)),
+    ("ReLU gradients", ("ReluGrad", "LeakyReluGrad")),
     ("head matmul", ("MatMul",)),
     ("element-wise ops and reductions", ("Mul", "Sub", "Add", "Sum", "Mean", "Neg", "Tile",
                                          "Square", "Rsqrt", "RealDiv", "Relu", "Cast")),

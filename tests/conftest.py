@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.per_step_batch_norm import BATCH
+from tf_mamlpp.per_step_batch_norm import TRANSDUCTIVE
 
 
 @pytest.fixture(scope="session")
@@ -49,32 +49,35 @@ def mean_cross_entropy(labels, logits):
 def adapt_by_hand():
     """Plain gradient descent on one task, written out here and not in the package.
 
-    adapt_by_hand(network, tasks, task, num_steps, bn_mode=BATCH) adapts task
+    adapt_by_hand(network, tasks, task, num_steps, bn_mode=TRANSDUCTIVE) adapts task
     `task` of the batch with fresh tapes, so nothing it returns is connected
-    to the meta-parameters. Step k uses the rates and batch-norm banks of step
-    min(k, trained steps - 1), the documented rule for evaluating with more
-    steps than were trained. Returns a dict with
+    to the meta-parameters. Weight state k (after k steps) is normalised with
+    the banks of state min(k, trained steps) and step k uses the rates of
+    step min(k, trained steps - 1), the documented rule for evaluating with
+    more steps than were trained; the target set is normalised at the adapted
+    weights as `bn_mode` says, with the support set's statistics there where
+    it needs them. Returns a dict with
       weights: name -> (1, ...) tensor after each step (list, num_steps + 1),
       gradients: name -> (1, ...) support-loss gradient at each step (list),
       rates: name -> Python float used at each step (list),
-      statistics: per step, the support pass's per-stage (mean, variance),
+      statistics: per step, the support pass's per-stage `Moments`,
       logits: (1, way*query, way) target logits after the last step,
       target_loss: their mean cross-entropy.
     """
 
-    def adapt(network, tasks, task, num_steps, bn_mode=BATCH):
+    def adapt(network, tasks, task, num_steps, bn_mode=TRANSDUCTIVE):
         one = {key: value[task:task + 1] for key, value in tasks.items()}
         weights = {name: tf.constant(variable.numpy()[None])
                    for name, variable in network.fast_variables.items()}
         record = {"weights": [weights], "gradients": [], "rates": [], "statistics": []}
         for step in range(num_steps):
-            bank = min(step, network.num_steps - 1)
             with tf.GradientTape() as tape:
                 tape.watch(weights)
-                logits, statistics = network.forward(one["support_images"], weights, bank, bn_mode)
+                logits, statistics = network.forward(one["support_images"], weights, step, bn_mode)
                 loss = mean_cross_entropy(one["support_labels"][0], logits[0])
             gradients = tape.gradient(loss, weights)
-            rates = {name: float(network.inner_rates[name.split("/")[0]].numpy()[bank])
+            rate_step = min(step, network.num_steps - 1)
+            rates = {name: float(network.inner_rates[name.split("/")[0]].numpy()[rate_step])
                      for name in weights}
             weights = {name: tf.constant(weights[name] - rates[name] * gradients[name])
                        for name in weights}
@@ -82,9 +85,9 @@ def adapt_by_hand():
             record["gradients"].append(gradients)
             record["rates"].append(rates)
             record["statistics"].append(statistics)
-        logits, _ = network.forward(one["target_images"], weights, min(num_steps - 1,
-                                                                      network.num_steps - 1),
-                                    bn_mode)
+        _, support = network.forward(one["support_images"], weights, num_steps, bn_mode)
+        logits, _ = network.forward(one["target_images"], weights, num_steps, bn_mode,
+                                    support=support)
         record["logits"] = logits
         record["target_loss"] = mean_cross_entropy(one["target_labels"][0], logits[0])
         return record

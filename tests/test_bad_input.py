@@ -229,6 +229,16 @@ def test_verbosity_shows_the_traceback(earlier, data):
     assert completed.stderr.strip().splitlines()[-1].startswith("error: --way=7")
 
 
+def test_a_missing_flagfile_ends_in_one_line_naming_it(tmp_path):
+    """absl's message starts with an "ERROR:: " of its own, which the error line drops."""
+    flagfile = tmp_path / "missing.flags"
+    completed = subprocess.run(main_command(tmp_path, f"--flagfile={flagfile}"), cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+    assert_one_line_error(completed, ["Unable to open flagfile", str(flagfile)])
+    assert "ERROR" not in completed.stderr, completed.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("case", CHECKPOINT_CASES)
 def test_checkpoint_trouble_ends_in_one_line_and_keeps_the_last_good_checkpoint(
         checkpoint_outcomes, case):

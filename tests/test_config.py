@@ -40,7 +40,7 @@ def test_unknown_dataset_raises_naming_the_flag():
 
 
 def test_json_round_trip():
-    config = resolve("omniglot", way=20, shot=5, seed=3, second_order=False, bn_eval="running")
+    config = resolve("omniglot", way=20, shot=5, seed=3, second_order=False, bn_mode="running")
     text = config.to_json()
     assert json.loads(text)["way"] == 20
     assert ExperimentConfig.from_json(text) == config

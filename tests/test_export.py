@@ -23,7 +23,6 @@ import tensorflow as tf
 
 from tf_mamlpp import config as config_module
 from tf_mamlpp import export
-from tf_mamlpp.per_step_batch_norm import BATCH
 from tf_mamlpp.run_directory import RunDirectory
 from tf_mamlpp.trainer import Trainer, build_network
 
@@ -114,7 +113,7 @@ def adapting_model(trained):
     best_prefix = trained.run_dir.best_checkpoints()[0][2]
     tf.train.Checkpoint(network=network).read(
         trained.run_dir.checkpoint_path(best_prefix)).expect_partial()
-    return export.AdaptingModel(network, trained.config.eval_inner_steps, BATCH)
+    return export.AdaptingModel(network, trained.config.eval_inner_steps)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +268,7 @@ def test_export_into_a_non_empty_folder_is_refused_and_keeps_its_files(adapting_
     (target / "saved_model.pb").write_bytes(b"an earlier export")
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(export.ExportError, match="not empty"):
-        export.export(adapting_model.network, INNER_STEPS, BATCH, target)
+        export.export(adapting_model.network, INNER_STEPS, target)
     assert sorted(path.name for path in target.iterdir()) == ["notes.txt", "saved_model.pb"]
     assert (target / "saved_model.pb").read_bytes() == b"an earlier export"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
@@ -278,7 +277,7 @@ def test_export_into_a_non_empty_folder_is_refused_and_keeps_its_files(adapting_
 def test_export_into_an_empty_folder_leaves_no_staging_behind(adapting_model, tmp_path):
     target = tmp_path / "model"
     target.mkdir()
-    assert export.export(adapting_model.network, INNER_STEPS, BATCH, target) == target
+    assert export.export(adapting_model.network, INNER_STEPS, target) == target
     assert (target / "saved_model.pb").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
 
@@ -326,3 +325,54 @@ def test_saved_model_cli_lists_both_signatures(subprocesses):
     for name in ("support_images", "support_labels", "query_images", "probabilities",
                  "logits", "features"):
         assert name in shown.stdout
+
+
+def randomised_network(bn_mode):
+    """A 3-way network in `bn_mode` whose banks and affine rows differ from their defaults."""
+    network = build_network(config_module.resolve(
+        "omniglot", way=WAY, shot=1, inner_steps=INNER_STEPS, filters=FILTERS, bn_mode=bn_mode))
+    rng = np.random.default_rng(0)
+    for norm in network.norms:
+        for bank, low, high in ((norm.gamma, 0.5, 1.5), (norm.beta, -0.3, 0.3),
+                                (norm.moving_mean, -0.1, 0.1), (norm.moving_variance, 0.5, 2)):
+            bank.assign(rng.uniform(low, high, bank.shape).astype(np.float32))
+    return network
+
+
+def write_images(folder, images):
+    folder.mkdir(parents=True)
+    for index, image in enumerate(images):
+        png = tf.io.encode_png(tf.cast(tf.round(image * 255), tf.uint8))
+        (folder / f"{index:03d}.png").write_bytes(png.numpy())
+
+
+@pytest.mark.parametrize("bn_mode", ["transductive", "support", "task_norm", "running"])
+def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, trained, tmp_path):
+    """Alone or among 50 others, through the SavedModel and through --mode=adapt, in every mode."""
+    export_dir = export.export(randomised_network(bn_mode), INNER_STEPS, tmp_path / "export")
+    adapt = tf.saved_model.load(str(export_dir)).signatures["adapt_and_predict"]
+    images = trained.splits["test"]
+    support = np.stack([images.images_of(label)[0] for label in range(WAY)]).astype(np.float32)
+    queries = np.concatenate([images.images_of(label)[1:18] for label in range(WAY)])[:51]
+
+    def probabilities(query_images):
+        return adapt(support_images=tf.constant(support),
+                     support_labels=tf.range(WAY, dtype=tf.int32),
+                     query_images=tf.constant(query_images, tf.float32))["probabilities"].numpy()
+
+    together = probabilities(queries)
+    for index in (0, 25, 50):
+        np.testing.assert_allclose(probabilities(queries[index:index + 1])[0], together[index],
+                                   rtol=1e-5, atol=1e-5)
+    for label in range(WAY):
+        write_images(tmp_path / "support" / f"class{label}", support[label:label + 1])
+    write_images(tmp_path / "all", queries)
+    write_images(tmp_path / "one", queries[:1])
+    answers = {name: main_py("--mode=adapt", f"--export_dir={export_dir}",
+                             f"--support_dir={tmp_path / 'support'}",
+                             f"--query_dir={tmp_path / name}") for name in ("all", "one")}
+    for completed in answers.values():
+        assert completed.returncode == 0, completed.stderr[-2000:]
+    first_rows = [completed.stdout.strip().splitlines()[0] for completed in answers.values()]
+    assert len(answers["all"].stdout.strip().splitlines()) == 51
+    assert first_rows[0] == first_rows[1]  # file, class and probability to three places

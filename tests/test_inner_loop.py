@@ -1,7 +1,9 @@
 """Specification of tf_mamlpp.inner_loop: adaptation and its meta-gradient.
 
 The meta-gradient is checked three ways: second order against central finite
-differences of the outer loss, first order against the gradient of a stopped
+differences of the outer loss (in every batch-norm mode, so the derivative
+paths through the support statistics into the target pass, and TaskNorm's
+blend, are checked too), first order against the gradient of a stopped
 copy (the adapted weights taken as leaves, learn2learn's check), and the
 learned rates' first-order gradient against its closed form. The network
 runs in float32 (see conftest.py), hence the tolerances.
@@ -12,16 +14,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.inner_loop import adapt_and_evaluate, inner_update
-from tf_mamlpp.network import MamlppNetwork
-from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING
+from tf_mamlpp.inner_loop import adapt_and_evaluate, cross_entropy, inner_update, support_states
+from tf_mamlpp.meta_learner import MetaLearner
+from tf_mamlpp.network import MamlppNetwork, grouped_convolution_gradients
+from tf_mamlpp.per_step_batch_norm import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE, Moments
 
 WAY, IMAGE_SHAPE, STEPS = 2, (4, 4, 1), 2
 FD_EPSILON, FD_RTOL, FD_ATOL = 2e-3, 2e-3, 3e-4
 
 
 def tiny_network(num_steps=STEPS, seed=0, **kwargs):
-    """One conv stage of 2 filters on 4x4 images, with distinct per-step banks and rates."""
+    """One conv stage of 2 filters on 4x4 images, with distinct per-state banks and rates."""
     keras.utils.set_random_seed(seed)
     network = MamlppNetwork(way=WAY, image_shape=IMAGE_SHAPE, num_steps=num_steps, filters=2,
                             num_stages=1, **kwargs)
@@ -34,20 +37,26 @@ def tiny_network(num_steps=STEPS, seed=0, **kwargs):
             rng.uniform(0.5, 1.5, norm.moving_variance.shape).astype(np.float32))
     for rates in network.inner_rates.values():
         rates.assign(rng.uniform(0.05, 0.3, rates.shape).astype(np.float32))
+    for norm in network.norms:
+        if norm.task_norm:
+            # Away from the initial alpha = sigmoid(0) = 1/2.
+            norm.blend_scale.assign(rng.uniform(-0.2, 0.2))
+            norm.blend_offset.assign(rng.uniform(-0.5, 0.5))
     return network
 
 
-def smooth_problem(seed=0):
-    """A network and one task near which the outer loss is smooth.
+def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE):
+    """A network in `bn_mode` and one task near which the outer loss is smooth.
 
-    ReLU and max-pool make the support gradient jump where a pre-activation
-    crosses zero or a pool's maximum changes hands, so the adapted weights,
-    and the outer loss, jump there too; a finite difference across a jump
-    measures the jump, not the derivative. Here every 2x2 window of every
-    image has one bright pixel and the kernel a dominant centre tap, so each
-    pool's maximum is clear and positive after batch norm.
+    Leaky ReLU and max-pool make the support gradient jump where a
+    pre-activation crosses zero or a pool's maximum changes hands, so the
+    adapted weights, and the outer loss, jump there too; a finite difference
+    across a jump measures the jump, not the derivative. Here every 2x2
+    window of every image has one bright pixel and the kernel a dominant
+    centre tap, so each pool's maximum is clear and positive after batch
+    norm, whichever statistics (own, support, blended or running) normalise it.
     """
-    network = tiny_network(seed=seed)
+    network = tiny_network(seed=seed, bn_mode=bn_mode)
     rng = np.random.default_rng(seed + 2)
     kernel = rng.uniform(-0.1, 0.1, (3, 3, 1, 2))
     kernel[1, 1] = 1.0
@@ -78,17 +87,25 @@ def tasks(make_tasks):
 
 
 def outer_loss(network, tasks, second_order, target_steps, msl_weights):
-    result = adapt_and_evaluate(network, tasks, network.num_steps, second_order, target_steps)
+    """The multi-step target loss, adapted and scored in the network's batch-norm mode."""
+    result = adapt_and_evaluate(network, tasks, network.num_steps, second_order, target_steps,
+                                network.bn_mode)
     return tf.reduce_sum(result["target_losses"] * msl_weights)
+
+
+def gradients_of(loss_fn, network):
+    """{variable path: gradient} of loss_fn() for every trainable variable."""
+    with tf.GradientTape() as tape:
+        loss = loss_fn()
+    variables = network.trainable_variables
+    gradients = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return {v.path: g.numpy() for v, g in zip(variables, gradients)}
 
 
 def meta_gradients(network, tasks, second_order, target_steps=(STEPS - 1,), msl_weights=(1.0,)):
     """{variable path: gradient} of the outer loss for every trainable variable."""
-    with tf.GradientTape() as tape:
-        loss = outer_loss(network, tasks, second_order, list(target_steps), msl_weights)
-    variables = network.trainable_variables
-    gradients = tape.gradient(loss, variables, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return {v.path: g.numpy() for v, g in zip(variables, gradients)}
+    return gradients_of(
+        lambda: outer_loss(network, tasks, second_order, list(target_steps), msl_weights), network)
 
 
 def finite_differences(network, tasks, target_steps, msl_weights):
@@ -97,7 +114,7 @@ def finite_differences(network, tasks, target_steps, msl_weights):
     loss = tf.function(lambda: outer_loss(network, tasks, True, target_steps, msl_weights))
     estimates = {}
     for variable in network.trainable_variables:
-        original = variable.numpy()
+        original = np.array(variable.numpy())  # an array also for scalar variables
         estimate = np.zeros(original.shape)
         for index in np.ndindex(original.shape):
             losses = []
@@ -116,50 +133,84 @@ def variable_values(network):
     return {v.path: v.numpy().copy() for v in network.variables}
 
 
+def score_by_hand(network, tasks, weights, state, bn_mode):
+    """Target logits at `weights` (weight state `state`), normalised as `bn_mode` says
+    with the support set's moments at the same weights."""
+    _, support = network.forward(tasks["support_images"], weights, state, bn_mode)
+    logits, _ = network.forward(tasks["target_images"], weights, state, bn_mode, support=support)
+    return logits
+
+
+@pytest.mark.parametrize("bn_mode", MODES)
 @pytest.mark.parametrize("target_steps, msl_weights", [([1], [1.0]), ([0, 1], [0.3, 0.7])],
                          ids=["last step", "multi-step loss"])
-def test_second_order_meta_gradient_matches_finite_differences(target_steps, msl_weights):
+def test_second_order_meta_gradient_matches_finite_differences(target_steps, msl_weights,
+                                                               bn_mode):
     # This is the check that catches batch-norm statistics computed with
     # tf.nn.moments: it stops the gradient through the mean inside the
-    # variance, exact to first order but wrong to second.
-    network, tasks = smooth_problem()
+    # variance, exact to first order but wrong to second. Outside the
+    # transductive mode it also covers the target pass's dependence on the
+    # support pass's statistics (SUPPORT, TASK_NORM) and on the running bank
+    # (RUNNING, no gradient there), and TaskNorm's blend weights.
+    network, tasks = smooth_problem(bn_mode=bn_mode)
     analytic = meta_gradients(network, tasks, True, target_steps, msl_weights)
     numeric = finite_differences(network, tasks, target_steps, msl_weights)
-    # Every entry of every meta-parameter: conv and head weights, both steps'
-    # gamma/beta rows and both steps' rates of each layer.
-    assert {network.norms[0].gamma.path, network.inner_rates["conv0"].path} <= set(analytic)
+    # Every entry of every meta-parameter: conv and head weights, the three
+    # weight states' gamma/beta rows, both steps' rates of each layer and,
+    # for TaskNorm, the blend weights.
+    norm = network.norms[0]
+    expected = {norm.gamma.path, norm.beta.path, network.inner_rates["conv0"].path,
+                network.fast_variables["conv0/kernel"].path}
+    if bn_mode == TASK_NORM:
+        expected |= {norm.blend_scale.path, norm.blend_offset.path}
+    assert expected <= set(analytic)
+    assert norm.gamma.shape[0] == STEPS + 1
     for path in analytic:
         np.testing.assert_allclose(analytic[path], numeric[path], rtol=FD_RTOL, atol=FD_ATOL,
                                    err_msg=path)
+    if bn_mode == TASK_NORM:
+        # The blend is really checked: its gradient is not within the tolerance of zero.
+        for variable in (norm.blend_scale, norm.blend_offset):
+            assert abs(analytic[variable.path]) > 2 * FD_ATOL, variable.path
     # The check can tell the orders apart: the first-order gradient misses.
     first_order = meta_gradients(network, tasks, False, target_steps, msl_weights)
     worst = max(np.abs(first_order[path] - numeric[path]).max() for path in numeric)
     assert worst > 10 * FD_ATOL
 
 
+@pytest.mark.parametrize("bn_mode", MODES)
 @pytest.mark.parametrize("num_steps", [1, 2])
 def test_first_order_meta_gradient_is_the_gradient_of_a_stopped_copy(
-        tasks, adapt_by_hand, num_steps):
-    network = tiny_network(num_steps=num_steps)
+        tasks, adapt_by_hand, num_steps, bn_mode):
+    network = tiny_network(num_steps=num_steps, bn_mode=bn_mode)
     analytic = meta_gradients(network, tasks, False, target_steps=(num_steps - 1,))
-    adapted = adapt_by_hand(network, tasks, 0, num_steps)
+    adapted = adapt_by_hand(network, tasks, 0, num_steps, bn_mode)
     final = adapted["weights"][-1]
     norm = network.norms[0]
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(final)
-        logits, _ = network.forward(tasks["target_images"], final, num_steps - 1)
+        # The adapted weights are state num_steps; in SUPPORT and TASK_NORM
+        # modes the leaves' gradient includes the path through the support
+        # statistics taken at them.
+        logits = score_by_hand(network, tasks, final, num_steps, bn_mode)
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             tasks["target_labels"][0], logits[0]))
+    np.testing.assert_allclose(logits.numpy(), adapted["logits"].numpy(), rtol=1e-5, atol=1e-6)
     leaf_gradients = tape.gradient(loss, final)
     # The initial weights get the gradient at the adapted weights.
     for name, variable in network.fast_variables.items():
         np.testing.assert_allclose(analytic[variable.path], leaf_gradients[name].numpy()[0],
                                    rtol=1e-4, atol=1e-6, err_msg=name)
-    # Batch-norm weights get only their direct part, from the target pass.
-    for variable in (norm.gamma, norm.beta):
-        np.testing.assert_allclose(analytic[variable.path],
-                                   tape.gradient(loss, variable).numpy(),
+    # Batch-norm weights (and TaskNorm's blend) get only their direct part,
+    # from the passes at the adapted weights.
+    assert len(norm.trainable_variables) == (4 if bn_mode == TASK_NORM else 2)
+    for variable in norm.trainable_variables:
+        direct = tape.gradient(loss, variable)
+        np.testing.assert_allclose(analytic[variable.path], direct.numpy(),
                                    rtol=1e-4, atol=1e-6, err_msg=variable.path)
+    # Only the adapted weights' gamma row is used there.
+    assert np.all(analytic[norm.gamma.path][:num_steps] == 0)
+    assert np.all(np.abs(analytic[norm.gamma.path][num_steps]) > 1e-6)
     # Rates, by hand: theta' = theta_k - alpha_k * stop(g_k), so
     # dL/dalpha_k = -sum over the layer's weights of g_k * dL/dtheta'.
     for layer, rates in network.inner_rates.items():
@@ -171,51 +222,66 @@ def test_first_order_meta_gradient_is_the_gradient_of_a_stopped_copy(
         assert np.all(np.abs(expected) > 1e-6)
 
 
-def test_first_and_second_order_differ_for_the_initial_weights(tasks):
-    network = tiny_network()
+@pytest.mark.parametrize("bn_mode", MODES)
+def test_first_and_second_order_differ_for_the_initial_weights(tasks, bn_mode):
+    network = tiny_network(bn_mode=bn_mode)
     second = meta_gradients(network, tasks, True)
     first = meta_gradients(network, tasks, False)
     for variable in network.fast_variables.values():
         difference = np.linalg.norm(second[variable.path] - first[variable.path])
         assert difference > 0.05 * np.linalg.norm(second[variable.path]), variable.path
-    # Under first order the non-final gamma row has no path to the last
-    # step's loss; under second order it has one, through the inner gradient.
+    # Under first order the gamma rows of the states before the adapted one
+    # have no path to the last step's loss (only the support gradients,
+    # stopped, read them); under second order they have one, through the
+    # inner gradient. The adapted state's row has its direct path in both.
     gamma = network.norms[0].gamma.path
-    assert np.all(first[gamma][0] == 0)
-    assert np.all(np.abs(second[gamma][0]) > 1e-5)
+    assert np.all(first[gamma][:STEPS] == 0)
+    assert np.all(np.abs(second[gamma][:STEPS]) > 1e-5)
+    assert np.all(np.abs(first[gamma][STEPS]) > 1e-5)
 
 
-def test_inner_update_is_one_gradient_step_with_the_steps_rates_and_changes_no_variable(tasks):
-    network = tiny_network()
+@pytest.mark.parametrize("bn_mode", MODES)
+def test_inner_update_is_one_gradient_step_with_the_steps_rates_and_changes_no_variable(
+        tasks, bn_mode):
+    network = tiny_network(bn_mode=bn_mode)
     before = variable_values(network)
     weights = network.initial_fast_weights()
     with tf.GradientTape() as tape:
         tape.watch(weights)
-        logits, _ = network.forward(tasks["support_images"], weights, 1)
+        logits, moments = network.forward(tasks["support_images"], weights, 1, bn_mode)
         loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
             tasks["support_labels"], logits))
     gradients = tape.gradient(loss, weights)
     for second_order in (True, False):
         updated, statistics = inner_update(network, weights, tasks["support_images"],
-                                           tasks["support_labels"], 1, second_order)
+                                           tasks["support_labels"], 1, second_order, bn_mode)
         for name, value in updated.items():
             rate = network.inner_rates[name.split("/")[0]].numpy()[1]
             expected = (weights[name] - rate * gradients[name]).numpy()
             np.testing.assert_allclose(value.numpy(), expected, rtol=1e-5, atol=1e-7,
                                        err_msg=name)
+        # The support pass's moments at the weights before the step.
         assert len(statistics) == 1
+        for field in ("mean", "variance", "size"):
+            np.testing.assert_allclose(getattr(statistics[0], field).numpy(),
+                                       getattr(moments[0], field).numpy(), rtol=1e-6, atol=1e-7)
     after = variable_values(network)
     assert all(np.array_equal(before[name], after[name]) for name in before)
 
 
-def test_adapt_and_evaluate_scores_the_target_set_after_the_chosen_steps(tasks, adapt_by_hand):
-    network = tiny_network()
+@pytest.mark.parametrize("bn_mode, final_statistics",
+                         [(TRANSDUCTIVE, False), (SUPPORT, False), (TASK_NORM, False),
+                          (RUNNING, False), (RUNNING, True)])
+def test_adapt_and_evaluate_scores_the_target_set_after_the_chosen_steps(
+        tasks, adapt_by_hand, bn_mode, final_statistics):
+    network = tiny_network(bn_mode=bn_mode)
     before = variable_values(network)
-    result = adapt_and_evaluate(network, tasks, STEPS, second_order=True, target_steps=[0, 1])
+    result = adapt_and_evaluate(network, tasks, STEPS, second_order=True, target_steps=[0, 1],
+                                bn_mode=bn_mode, final_statistics=final_statistics)
     assert tuple(result["target_losses"].shape) == (1, 2)
     assert tuple(result["target_accuracies"].shape) == (1, 2)
     for steps in (1, 2):
-        by_hand = adapt_by_hand(network, tasks, 0, steps)
+        by_hand = adapt_by_hand(network, tasks, 0, steps, bn_mode)
         np.testing.assert_allclose(result["target_losses"].numpy()[0, steps - 1],
                                    by_hand["target_loss"].numpy(), rtol=1e-5)
     np.testing.assert_allclose(result["logits"].numpy(), by_hand["logits"].numpy(),
@@ -228,14 +294,30 @@ def test_adapt_and_evaluate_scores_the_target_set_after_the_chosen_steps(tasks, 
                                -log_softmax[np.arange(len(labels)), labels].mean(), rtol=1e-5)
     np.testing.assert_allclose(result["target_accuracies"].numpy()[0, -1],
                                (logits.argmax(axis=-1) == labels).mean())
-    # Support statistics of every step, per stage (steps, filters).
+    # Support statistics of every weight state the support set passed
+    # through, per stage (states, filters): the S steps' and, where the mode
+    # normalises the target set with them (or final_statistics asks), the
+    # adapted weights'.
+    states = support_states(STEPS, bn_mode, final_statistics)
+    assert states == (STEPS + 1 if bn_mode in (SUPPORT, TASK_NORM) or final_statistics
+                      else STEPS)
     assert len(result["bn_means"]) == len(result["bn_variances"]) == 1
-    for step in range(STEPS):
-        mean, variance = by_hand["statistics"][step][0]
-        np.testing.assert_allclose(result["bn_means"][0].numpy()[step], mean.numpy()[0],
+    assert tuple(result["bn_means"][0].shape) == tuple(result["bn_variances"][0].shape) \
+        == (states, network.filters)
+    _, final_moments = network.forward(tasks["support_images"], by_hand["weights"][-1], STEPS,
+                                       bn_mode)
+    support_moments = [stages[0] for stages in by_hand["statistics"]] + [final_moments[0]]
+    for state in range(states):
+        moments = support_moments[state]
+        np.testing.assert_allclose(result["bn_means"][0].numpy()[state], moments.mean.numpy(),
                                    rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(result["bn_variances"][0].numpy()[step], variance.numpy()[0],
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(result["bn_variances"][0].numpy()[state],
+                                   moments.variance.numpy(), rtol=1e-5, atol=1e-6)
+    # The biased variance of the support set's activations at state 0.
+    activations = tf.nn.conv2d(tasks["support_images"][0],
+                               network.fast_variables["conv0/kernel"], 1, "SAME").numpy()
+    np.testing.assert_allclose(result["bn_variances"][0].numpy()[0],
+                               activations.var(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6)
     after = variable_values(network)
     assert all(np.array_equal(before[name], after[name]) for name in before)
 
@@ -245,10 +327,10 @@ def test_target_steps_must_include_the_last_step(tasks):
         adapt_and_evaluate(tiny_network(), tasks, STEPS, second_order=False, target_steps=[0])
 
 
-@pytest.mark.parametrize("bn_mode", [BATCH, RUNNING])
+@pytest.mark.parametrize("bn_mode", MODES)
 def test_more_steps_than_trained_reuse_the_last_steps_rates_and_banks(
         tasks, adapt_by_hand, bn_mode):
-    network = tiny_network()
+    network = tiny_network(bn_mode=bn_mode)
     result = adapt_and_evaluate(network, tasks, 4, second_order=False,
                                 target_steps=[0, 1, 2, 3], bn_mode=bn_mode)
     assert tuple(result["target_accuracies"].shape) == (1, 4)
@@ -259,15 +341,102 @@ def test_more_steps_than_trained_reuse_the_last_steps_rates_and_banks(
     assert by_hand["rates"][3] == by_hand["rates"][1] != by_hand["rates"][0]
 
 
-def test_tasks_adapted_together_equal_each_adapted_alone(make_tasks):
+@pytest.mark.parametrize("bn_mode", MODES)
+def test_a_target_images_logits_depend_on_the_other_targets_only_when_transductive(
+        make_tasks, bn_mode):
+    """Outside TRANSDUCTIVE no target image is normalised by another target image."""
+    network = tiny_network(bn_mode=bn_mode)
+    tasks = make_tasks(1, WAY, shot=3, query=3, image_shape=IMAGE_SHAPE, seed=3)
+    alone = {**tasks, "target_images": tasks["target_images"][:, :1],
+             "target_labels": tasks["target_labels"][:, :1]}
+    logits = {}
+    for name, batch in (("together", tasks), ("alone", alone)):
+        result = adapt_and_evaluate(network, batch, STEPS, False, [0, 1], bn_mode)
+        logits[name] = result["logits"].numpy()[0, 0]
+    if bn_mode == TRANSDUCTIVE:
+        assert np.abs(logits["together"] - logits["alone"]).max() > 1e-2
+    else:
+        np.testing.assert_allclose(logits["alone"], logits["together"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("second_order", [True, False], ids=["second order", "first order"])
+def test_support_mode_meta_gradient_flows_through_the_support_statistics(tasks, second_order):
+    """MetaBN's target pass is differentiated through the support statistics too."""
+    network = tiny_network(bn_mode=SUPPORT)
+
+    def loss_by_hand(stop_statistics):
+        weights = network.initial_fast_weights()
+        for step in range(STEPS):
+            weights, _ = inner_update(network, weights, tasks["support_images"],
+                                      tasks["support_labels"], step, second_order, SUPPORT)
+        _, support = network.forward(tasks["support_images"], weights, STEPS, SUPPORT)
+        if stop_statistics:
+            support = [Moments(tf.stop_gradient(m.mean), tf.stop_gradient(m.variance), m.size)
+                       for m in support]
+        logits, _ = network.forward(tasks["target_images"], weights, STEPS, SUPPORT,
+                                    support=support)
+        return tf.reduce_sum(cross_entropy(tasks["target_labels"], logits))
+
+    analytic = meta_gradients(network, tasks, second_order)
+    through = gradients_of(lambda: loss_by_hand(False), network)
+    stopped = gradients_of(lambda: loss_by_hand(True), network)
+    # The by-hand loss is the library's.
+    for path, gradient in analytic.items():
+        np.testing.assert_allclose(gradient, through[path], rtol=1e-5, atol=1e-7, err_msg=path)
+    difference = {path: np.abs(analytic[path] - stopped[path]) for path in analytic}
+    conv, rates = network.fast_variables["conv0/kernel"].path, network.inner_rates["conv0"].path
+    head_rates = network.inner_rates["head"].path
+    norm = network.norms[0]
+    # The statistics are taken from the adapted kernel: stopping them
+    # changes the gradient of the initial kernel and of every step's rate
+    # for it...
+    assert np.linalg.norm(difference[conv]) > 0.1 * np.linalg.norm(analytic[conv])
+    assert np.all(difference[rates] > 0.1 * np.abs(analytic[rates]))
+    # ...and, at second order, of what shapes the kernel's inner gradients:
+    # the head, the head's rates of the steps before the last, and the
+    # affine rows of the states before the adapted one.
+    later = [network.fast_variables["head/kernel"].path, network.fast_variables["head/bias"].path]
+    if second_order:
+        for path in later:
+            assert difference[path].max() > 1e-3, path
+        assert np.all(difference[head_rates][:STEPS - 1] > 1e-4)
+        for variable in (norm.gamma, norm.beta):
+            assert difference[variable.path][:STEPS].max() > 1e-3, variable.path
+    else:  # first order: their only path is the target pass, which the statistics do not touch
+        for path in later + [norm.gamma.path, norm.beta.path]:
+            np.testing.assert_allclose(analytic[path], stopped[path], rtol=1e-5, atol=1e-7,
+                                       err_msg=path)
+    # Nothing applied after the statistics is changed: the adapted state's
+    # affine row and the head's last rate (the kernel does not depend on it).
+    for variable in (norm.gamma, norm.beta):
+        np.testing.assert_allclose(analytic[variable.path][STEPS], stopped[variable.path][STEPS],
+                                   rtol=1e-5, atol=1e-7, err_msg=variable.path)
+    np.testing.assert_allclose(analytic[head_rates][STEPS - 1], stopped[head_rates][STEPS - 1],
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bn_mode", MODES)
+def test_tasks_adapted_together_equal_each_adapted_alone(make_tasks, bn_mode):
     """Folded tasks (grouped convolutions) give each task its own loss and gradient."""
-    network = tiny_network()
+    network = tiny_network(bn_mode=bn_mode)
     pair = make_tasks(2, WAY, shot=3, query=2, image_shape=IMAGE_SHAPE, seed=5)
-    together = adapt_and_evaluate(network, pair, STEPS, True, [0, 1])
+    if not grouped_convolution_gradients():
+        # This device cannot differentiate grouped convolutions, so folded
+        # adaptation fails here, and the meta-learner refuses to fold with a
+        # clear message instead.
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            adapt_and_evaluate(network, pair, STEPS, True, [0, 1], bn_mode)
+        with pytest.raises(ValueError, match="--fold_tasks"):
+            MetaLearner(network, keras.optimizers.Adam(1e-3), global_batch_size=2,
+                        fold_tasks=True)
+        return
+    together = adapt_and_evaluate(network, pair, STEPS, True, [0, 1], bn_mode)
     gradients_together = meta_gradients(network, pair, True, [0, 1], [0.3, 0.7])
     alone = [{key: value[task:task + 1] for key, value in pair.items()} for task in range(2)]
+    results_alone = []
     for task in range(2):
-        result = adapt_and_evaluate(network, alone[task], STEPS, True, [0, 1])
+        result = adapt_and_evaluate(network, alone[task], STEPS, True, [0, 1], bn_mode)
+        results_alone.append(result)
         np.testing.assert_allclose(together["target_losses"].numpy()[task],
                                    result["target_losses"].numpy()[0], rtol=1e-5)
         np.testing.assert_allclose(together["logits"].numpy()[task], result["logits"].numpy()[0],
@@ -277,8 +446,7 @@ def test_tasks_adapted_together_equal_each_adapted_alone(make_tasks):
         np.testing.assert_allclose(gradient, gradients_alone[0][path] + gradients_alone[1][path],
                                    rtol=1e-4, atol=1e-6, err_msg=path)
     # The batch-norm statistics are the tasks' mean.
-    for step in range(STEPS):
-        expected = np.mean([adapt_and_evaluate(network, one, STEPS, False, [1])["bn_means"][0]
-                            .numpy()[step] for one in alone], axis=0)
-        np.testing.assert_allclose(together["bn_means"][0].numpy()[step], expected,
-                                   rtol=1e-5, atol=1e-6)
+    for key in ("bn_means", "bn_variances"):
+        expected = np.mean([result[key][0].numpy() for result in results_alone], axis=0)
+        assert expected.shape == (support_states(STEPS, bn_mode), network.filters)
+        np.testing.assert_allclose(together[key][0].numpy(), expected, rtol=1e-5, atol=1e-6)

@@ -1,14 +1,22 @@
-"""The derivatives of ReLU then max-pooling equal TensorFlow's own, to second order."""
+"""The derivatives of leaky ReLU then max-pooling equal TensorFlow's own, to second order.
+
+Every check runs with the network's slope (0.01) and with the plain ReLU (0).
+"""
+
+import functools
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.max_pool_kernel import SECOND_DERIVATIVE_SCOPE, relu_max_pool_2x2
+from tf_mamlpp.max_pool_kernel import (NEGATIVE_SLOPE, SECOND_DERIVATIVE_SCOPE,
+                                       leaky_relu_max_pool_2x2)
+
+SLOPES = pytest.mark.parametrize("slope", [NEGATIVE_SLOPE, 0.0], ids=["leaky", "relu"])
 
 
-def tensorflow_relu_max_pool(x):
-    return tf.nn.max_pool2d(tf.nn.relu(x), 2, 2, "VALID")
+def tensorflow_leaky_relu_max_pool(x, slope):
+    return tf.nn.max_pool2d(tf.nn.leaky_relu(x, slope), 2, 2, "VALID")
 
 
 def first_and_second_derivatives(pool, x, seed=1):
@@ -42,23 +50,27 @@ def ties(shape, dtype=tf.float32):
     return tf.constant(rng.integers(-2, 3, size=shape), dtype)
 
 
+@SLOPES
 @pytest.mark.parametrize("shape", [(3, 6, 6, 4), (2, 7, 5, 3), (1, 2, 2, 1)])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "tf.function"])
-def test_derivatives_equal_tensorflows_with_ties(shape, compiled):
+def test_derivatives_equal_tensorflows_with_ties(shape, compiled, slope):
     x = ties(shape)
     run = tf.function(first_and_second_derivatives) if compiled else first_and_second_derivatives
-    actual = run(relu_max_pool_2x2, x)
-    expected = first_and_second_derivatives(tensorflow_relu_max_pool, x)
+    actual = run(functools.partial(leaky_relu_max_pool_2x2, negative_slope=slope), x)
+    expected = first_and_second_derivatives(
+        functools.partial(tensorflow_leaky_relu_max_pool, slope=slope), x)
     for second_derivative in expected[2:]:  # both are exercised
         assert float(tf.reduce_max(tf.abs(second_derivative))) > 0
     for name, got, want in zip(["pooled", "dx", "d2 x", "d2 weights"], actual, expected):
         np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
-def test_float16_inputs():
+@SLOPES
+def test_float16_inputs(slope):
     x = ties((2, 6, 6, 3))
-    expected = first_and_second_derivatives(relu_max_pool_2x2, x)
-    actual = first_and_second_derivatives(relu_max_pool_2x2, tf.cast(x, tf.float16))
+    pool = functools.partial(leaky_relu_max_pool_2x2, negative_slope=slope)
+    expected = first_and_second_derivatives(pool, x)
+    actual = first_and_second_derivatives(pool, tf.cast(x, tf.float16))
     assert actual[1].dtype == actual[2].dtype == tf.float16
     for got, want in zip(actual, expected):
         np.testing.assert_allclose(tf.cast(got, tf.float32), want, rtol=1e-2, atol=1e-2)

@@ -1,15 +1,20 @@
 """Specification of tf_mamlpp.per_step_batch_norm (MAML++ BNRS and BNWB).
 
-Step i normalises with bank i of the affine weights (BATCH mode) or of the
-running statistics too (RUNNING mode), and a running update moves each row
-towards that step's statistics only. Expected values are computed in NumPy.
+Weight state i normalises with bank i of the affine weights, a support batch
+with its own statistics, a target batch as the mode says: by itself
+(TRANSDUCTIVE), by the support moments (SUPPORT), by those blended with its
+instance moments (TASK_NORM) or by running bank i (RUNNING). A running update
+moves each row towards that state's statistics only. Expected values are
+computed in NumPy.
 """
 
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
-from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING, PerStepBatchNorm
+from tf_mamlpp.per_step_batch_norm import (RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE, Moments,
+                                           PerStepBatchNorm)
 
 STEPS, CHANNELS, EPSILON = 3, 4, 1e-3
 
@@ -37,15 +42,9 @@ def normalise(x, mean, variance, gamma, beta):
 
 
 def batch_moments(x):
-    """Per-channel mean and biased variance, which BATCH mode normalises with."""
+    """Per-channel mean and biased variance, which TRANSDUCTIVE mode normalises with."""
     x = x.astype(np.float64)
     return x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
-
-
-def unbiased(variance, x):
-    """The unbiased variance that BATCH mode reports for the running banks."""
-    n = x.shape[0] * x.shape[1] * x.shape[2]
-    return variance * n / (n - 1)
 
 
 def variable_values(layer):
@@ -62,33 +61,32 @@ def test_banks_have_a_leading_step_axis():
 
 
 @pytest.mark.parametrize("step", range(STEPS))
-def test_batch_mode_normalises_with_batch_statistics_and_the_steps_affine_bank(step):
+def test_support_pass_normalises_with_its_statistics_and_the_states_affine_bank(step):
     layer, x = build_layer(), activations()
     before = variable_values(layer)
-    outputs, mean, variance = layer(x, step=step, mode=BATCH)
+    outputs, moments = layer(x, state=step, mode=TRANSDUCTIVE)
     batch_mean, batch_variance = batch_moments(x)
     expected = normalise(x, batch_mean, batch_variance,
                          layer.gamma.numpy()[step], layer.beta.numpy()[step])
     np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(mean.numpy(), batch_mean[None], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(variance.numpy(), unbiased(batch_variance, x)[None], rtol=1e-5)
+    np.testing.assert_allclose(moments.mean.numpy(), batch_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(moments.variance.numpy(), batch_variance, rtol=1e-5)
+    assert float(moments.size) == x.shape[0]
     # The call changes no variable; the caller folds the statistics in.
     after = variable_values(layer)
     assert all(np.array_equal(before[name], after[name]) for name in before)
 
 
 @pytest.mark.parametrize("step", range(STEPS))
-def test_running_mode_normalises_with_the_steps_running_bank(step):
+def test_running_target_pass_normalises_with_the_states_running_bank(step):
     layer, x = build_layer(), activations()
     before = variable_values(layer)
-    outputs, mean, variance = layer(x, step=step, mode=RUNNING)
+    outputs, moments = layer(x, state=step, mode=RUNNING, target=True)
     bank_mean, bank_variance = layer.moving_mean.numpy()[step], layer.moving_variance.numpy()[step]
     expected = normalise(x, bank_mean, bank_variance,
                          layer.gamma.numpy()[step], layer.beta.numpy()[step])
     np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-4, atol=1e-4)
-    # It reports the statistics it used, and changes no variable.
-    np.testing.assert_array_equal(mean.numpy(), bank_mean[None])
-    np.testing.assert_array_equal(variance.numpy(), bank_variance[None])
+    assert moments is None  # a target pass has no statistics to give
     after = variable_values(layer)
     assert all(np.array_equal(before[name], after[name]) for name in before)
 
@@ -96,26 +94,28 @@ def test_running_mode_normalises_with_the_steps_running_bank(step):
 def test_steps_past_the_last_reuse_the_last_bank():
     layer, x = build_layer(), activations()
     last = STEPS - 1
-    for mode in (BATCH, RUNNING):
-        expected = layer(x, step=last, mode=mode)[0].numpy()
-        for step in (STEPS, STEPS + 4):
-            np.testing.assert_array_equal(layer(x, step=step, mode=mode)[0].numpy(), expected)
+    for mode in (TRANSDUCTIVE, RUNNING):
+        expected = layer(x, state=last, mode=mode, target=True)[0].numpy()
+        for state in (STEPS, STEPS + 4):
+            np.testing.assert_array_equal(
+                layer(x, state=state, mode=mode, target=True)[0].numpy(), expected)
     # ... and that bank is the last row, not the first.
     batch_mean, batch_variance = batch_moments(x)
     expected = normalise(x, batch_mean, batch_variance,
                          layer.gamma.numpy()[last], layer.beta.numpy()[last])
-    np.testing.assert_allclose(layer(x, step=STEPS + 4)[0].numpy(), expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(layer(x, state=STEPS + 4)[0].numpy(), expected, rtol=1e-4,
+                               atol=1e-4)
 
 
 def test_negative_step_raises():
     layer = build_layer()
     with pytest.raises(ValueError, match="non-negative"):
-        layer(activations(), step=-1)
+        layer(activations(), state=-1)
 
 
 def test_unknown_mode_raises():
     with pytest.raises(ValueError, match="mode"):
-        build_layer()(activations(), step=0, mode="train")
+        build_layer()(activations(), state=0, mode="train")
 
 
 @pytest.mark.parametrize("per_step_statistics, per_step_affine",
@@ -128,7 +128,7 @@ def test_switched_off_banks_are_one_row_shared_by_every_step(per_step_statistics
     assert tuple(layer.moving_mean.shape) == (stat_rows, CHANNELS)
     assert tuple(layer.moving_variance.shape) == (stat_rows, CHANNELS)
     step = 2
-    outputs = layer(x, step=step, mode=RUNNING)[0].numpy()
+    outputs = layer(x, state=step, mode=RUNNING, target=True)[0].numpy()
     affine_row = step if per_step_affine else 0
     stat_row = step if per_step_statistics else 0
     expected = normalise(
@@ -195,26 +195,22 @@ def test_one_step_batch_mode_equals_keras_batch_normalization_in_training():
     layer, x = build_layer(num_steps=1), activations(seed=4)
     stock = stock_batch_norm(layer)
     assert not np.allclose(layer.gamma.numpy(), 1) and not np.allclose(layer.beta.numpy(), 0)
-    outputs, mean, variance = layer(x, step=0, mode=BATCH)
+    outputs, moments = layer(x, state=0, mode=TRANSDUCTIVE)
     expected = stock(x, training=True)
     np.testing.assert_allclose(outputs.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
-    # Folding the step's statistics in moves the mean bank as far as the stock
-    # layer moved its own. The variance bank takes the unbiased variance (as
-    # torch.nn.functional.batch_norm does in the reference implementation),
-    # where Keras takes the biased one.
-    old_variance = layer.moving_variance.numpy()[0]
-    layer.update_running_statistics(mean, variance)
+    # Folding the statistics in moves the banks as far as the stock layer
+    # moved its own: both take the biased variance, which normalised the batch.
+    layer.update_running_statistics(moments.mean[None], moments.variance[None])
     np.testing.assert_allclose(layer.moving_mean.numpy()[0], stock.moving_mean.numpy(),
                                rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(
-        layer.moving_variance.numpy()[0],
-        0.9 * old_variance + 0.1 * unbiased(batch_moments(x)[1], x), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_variance.numpy()[0], stock.moving_variance.numpy(),
+                               rtol=1e-5)
 
 
 def test_one_step_running_mode_equals_keras_batch_normalization_in_inference():
     layer, x = build_layer(num_steps=1), activations(seed=5)
     stock = stock_batch_norm(layer)
-    np.testing.assert_allclose(layer(x, step=0, mode=RUNNING)[0].numpy(),
+    np.testing.assert_allclose(layer(x, state=0, mode=RUNNING, target=True)[0].numpy(),
                                stock(x, training=False).numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -222,16 +218,17 @@ def test_tasks_folded_into_channels_are_normalised_each_on_its_own():
     layer = build_layer()
     first, second = activations(seed=6), activations(seed=7) * 0.2 - 3
     folded = np.concatenate([first, second], axis=-1)  # task-major channels
-    outputs, mean, variance = layer(folded, step=1, mode=BATCH)
+    outputs, moments = layer(folded, state=1, mode=TRANSDUCTIVE)
     gamma, beta = layer.gamma.numpy()[1], layer.beta.numpy()[1]
     for task, x in enumerate((first, second)):
         task_mean, task_variance = batch_moments(x)
         expected = normalise(x, task_mean, task_variance, gamma, beta)
         channels = slice(task * CHANNELS, (task + 1) * CHANNELS)
         np.testing.assert_allclose(outputs.numpy()[..., channels], expected, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(mean.numpy()[task], task_mean, rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(variance.numpy()[task], unbiased(task_variance, x), rtol=1e-5)
-    outputs = layer(folded, step=1, mode=RUNNING)[0].numpy()
+        np.testing.assert_allclose(moments.mean.numpy()[channels], task_mean, rtol=1e-5,
+                                   atol=1e-5)
+        np.testing.assert_allclose(moments.variance.numpy()[channels], task_variance, rtol=1e-5)
+    outputs = layer(folded, state=1, mode=RUNNING, target=True)[0].numpy()
     for task, x in enumerate((first, second)):
         expected = normalise(x, layer.moving_mean.numpy()[1], layer.moving_variance.numpy()[1],
                              gamma, beta)
@@ -243,12 +240,12 @@ def test_config_round_trip():
     layer = PerStepBatchNorm(4, per_step_statistics=False, per_step_affine=True,
                              momentum=0.3, epsilon=1e-4, name="norm7")
     clone = PerStepBatchNorm.from_config(layer.get_config())
-    assert (clone.num_steps, clone.per_step_statistics, clone.per_step_affine) == (4, False, True)
+    assert (clone.num_states, clone.per_step_statistics, clone.per_step_affine) == (4, False, True)
     assert (clone.momentum, clone.epsilon, clone.name) == (0.3, 1e-4, "norm7")
 
 
 def test_fewer_than_one_step_raises():
-    with pytest.raises(ValueError, match="num_steps"):
+    with pytest.raises(ValueError, match="num_states"):
         PerStepBatchNorm(0)
 
 
@@ -261,9 +258,81 @@ def test_keras_layer_harness():
             pass
 
     Harness().run_layer_test(
-        PerStepBatchNorm, {"num_steps": 3, "per_step_statistics": False},
-        input_shape=(2, 4, 4, 3), call_kwargs={"step": 1},
-        expected_output_shape=((2, 4, 4, 3), (1, 3), (1, 3)),
+        PerStepBatchNorm, {"num_states": 3, "per_step_statistics": False},
+        input_shape=(2, 4, 4, 3), call_kwargs={"state": 1},
+        expected_output_shape=((2, 4, 4, 3), Moments((3,), (3,), ())),
         expected_num_trainable_weights=2, expected_num_non_trainable_weights=2,
         custom_objects={"PerStepBatchNorm": PerStepBatchNorm},
         run_training_check=False, run_mixed_precision_check=False)
+
+
+def support_moments(x):
+    mean, variance = batch_moments(x)
+    return Moments(tf.constant(mean, tf.float32), tf.constant(variance, tf.float32),
+                   tf.constant(float(x.shape[0])))
+
+
+def test_support_target_pass_normalises_with_the_support_moments():
+    layer, support, target = build_layer(), activations(seed=8), activations(seed=9)
+    outputs, moments = layer(target, state=2, mode=SUPPORT, target=True,
+                             support=support_moments(support))
+    mean, variance = batch_moments(support)
+    expected = normalise(target, mean, variance, layer.gamma.numpy()[2], layer.beta.numpy()[2])
+    np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-4, atol=1e-4)
+    assert moments is None
+
+
+def test_task_norm_blends_support_and_instance_moments():
+    """TaskNorm-I (Bronskill et al., 2020, eq. 4-5) with alpha = sigmoid(a * support size + b)."""
+    layer, support, target = build_layer(task_norm=True), activations(seed=10), activations(11)
+    layer.blend_scale.assign(0.3)
+    layer.blend_offset.assign(-1.2)
+    outputs, _ = layer(target, state=1, mode=TASK_NORM, target=True,
+                       support=support_moments(support))
+    alpha = 1 / (1 + np.exp(-(0.3 * support.shape[0] - 1.2)))
+    batch_mean, batch_variance = batch_moments(support)
+    x = target.astype(np.float64)
+    instance_mean = x.mean(axis=(1, 2), keepdims=True)
+    instance_variance = x.var(axis=(1, 2), keepdims=True)
+    mean = alpha * batch_mean + (1 - alpha) * instance_mean
+    variance = (alpha * (batch_variance + (batch_mean - mean) ** 2)
+                + (1 - alpha) * (instance_variance + (instance_mean - mean) ** 2))
+    expected = normalise(x, mean, variance, layer.gamma.numpy()[1], layer.beta.numpy()[1])
+    np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-4, atol=1e-4)
+    # The support pass blends its own batch moments the same way.
+    outputs, moments = layer(support, state=1, mode=TASK_NORM)
+    np.testing.assert_allclose(moments.mean.numpy(), batch_mean, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(outputs.numpy(), normalise(support, batch_mean, batch_variance,
+                                                      layer.gamma.numpy()[1],
+                                                      layer.beta.numpy()[1]), atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", [SUPPORT, TASK_NORM, RUNNING])
+def test_a_target_images_outputs_do_not_depend_on_the_other_targets(mode):
+    layer, support, target = build_layer(task_norm=True), activations(seed=12), activations(13)
+    together, _ = layer(target, state=1, mode=mode, target=True, support=support_moments(support))
+    alone, _ = layer(target[:1], state=1, mode=mode, target=True,
+                     support=support_moments(support))
+    np.testing.assert_allclose(alone.numpy(), together.numpy()[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_transductive_target_outputs_depend_on_the_other_targets():
+    layer, target = build_layer(), activations(seed=14)
+    together, _ = layer(target, state=1, mode=TRANSDUCTIVE, target=True)
+    alone, _ = layer(target[:2], state=1, mode=TRANSDUCTIVE, target=True)
+    assert not np.allclose(alone.numpy(), together.numpy()[:2], atol=1e-3)
+
+
+def test_running_update_of_the_first_states_keeps_the_rest():
+    layer = build_layer()
+    old_mean = layer.moving_mean.numpy()
+    new_mean = np.zeros((STEPS - 1, CHANNELS), np.float32)
+    layer.update_running_statistics(new_mean, np.ones_like(new_mean))
+    np.testing.assert_allclose(layer.moving_mean.numpy()[:-1], 0.9 * old_mean[:-1], rtol=1e-6)
+    np.testing.assert_array_equal(layer.moving_mean.numpy()[-1], old_mean[-1])
+
+
+def test_only_task_norm_has_blend_weights():
+    assert not hasattr(build_layer(), "blend_scale")
+    assert {v.path.split("/")[-1] for v in build_layer(task_norm=True).trainable_variables} == {
+        "gamma", "beta", "blend_scale", "blend_offset"}

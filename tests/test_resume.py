@@ -12,6 +12,7 @@ latest checkpoint and its best-checkpoint bookkeeping.
 """
 
 import concurrent.futures
+import dataclasses
 import json
 import pathlib
 import signal
@@ -221,6 +222,29 @@ def test_stop_during_the_last_iteration_of_an_epoch_still_validates_that_epoch(t
     assert_epoch_1_validated_kept_and_tested(second.run_dir)
 
 
+def test_a_failed_validation_costs_no_training(tmp_path):
+    """The epoch's checkpoint is written before it is validated; the rerun only validates."""
+    from tf_mamlpp.trainer import Trainer
+
+    # Task counts that are not multiples of the batch size (2).
+    config = dataclasses.replace(one_epoch_config(), val_tasks=5, test_tasks=3)
+    first = Trainer(config, open_run(tmp_path, config))
+
+    def failing_validation(epoch):
+        raise OSError("validation data went away")
+
+    first.validate = failing_validation
+    with pytest.raises(OSError):
+        first.train()
+    second = Trainer(config, open_run(tmp_path, config))
+    trained_again = []
+    second.meta_learner.train_step = lambda *args: trained_again.append(args)
+    second.train()
+    assert trained_again == []
+    assert second.iterations_done == config.iters_per_epoch
+    assert_epoch_1_validated_kept_and_tested(second.run_dir)
+
+
 class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs."""
 
@@ -234,7 +258,7 @@ def test_kill_between_the_latest_and_the_best_checkpoint_keeps_that_epoch(tmp_pa
     def killed(*args):
         raise Killed()
 
-    first.run_dir._keep_if_best = killed  # the last step of save_epoch
+    first.run_dir._keep_if_best = killed  # after validation, before the history
     with pytest.raises(Killed):
         first.train()
     second = Trainer(config, open_run(tmp_path, config))
@@ -245,7 +269,7 @@ def test_kill_between_the_latest_and_the_best_checkpoint_keeps_that_epoch(tmp_pa
 # The processes.
 
 def val_accuracies(run_dir):
-    return [(record["epoch"], record["val_accuracy"], record["val_accuracy_running"])
+    return [(record["epoch"], record["val_accuracy"], record["val_accuracy_support"])
             for record in read_json(run_dir / "history.json")]
 
 
@@ -344,4 +368,4 @@ def test_progress_off_a_terminal_is_plain_lines(reference, interrupted):
         assert [epoch for epoch in (1, 2) if any(
             line.startswith(f"epoch {epoch}/2 ") and "loss=" in line and " left " in line
             for line in lines)] == list(epochs)
-        assert any(line.startswith("val tasks 8/8 ") for line in lines)
+        assert any(line.startswith("val tasks (transductive batch norm) 8/8 ") for line in lines)

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -27,11 +29,12 @@ def make_checkpoint():
 
 
 def run_epoch(run, checkpoint, history, epoch, val_accuracy):
-    """What the trainer does at the end of `epoch` (from 1): record, count, save."""
+    """What the trainer does at the end of `epoch` (from 1): save, validate, record."""
     checkpoint.weights.assign(np.full(3, epoch, np.float32))
-    history.append({"epoch": epoch, "val_accuracy": val_accuracy})
     checkpoint.epoch.assign(epoch)
-    run.save_epoch(checkpoint, epoch * ITERATIONS_PER_EPOCH, history)
+    run.save_trained_epoch(checkpoint, epoch * ITERATIONS_PER_EPOCH, {"epoch": epoch})
+    history.append({"epoch": epoch, "val_accuracy": val_accuracy})
+    run.save_epoch(checkpoint, history)
 
 
 def test_experiment_name(config):
@@ -175,3 +178,16 @@ def test_json_files_are_written_whole(tmp_path, config):
     run.write_json("results.json", {"test_accuracy": 0.99})
     assert json.loads((run.path / "results.json").read_text()) == {"test_accuracy": 0.99}
     assert not list(run.path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_json_files_get_the_mode_open_would_give(tmp_path, config, umask):
+    """0o666 less the umask, not the temporary file's 0o600."""
+    previous = os.umask(umask)
+    try:
+        run = RunDirectory.open(tmp_path, "exp", config)
+        run.write_json("results.json", {"test_accuracy": 0.99})
+    finally:
+        os.umask(previous)
+    for name in ("config.json", "results.json"):
+        assert stat.S_IMODE((run.path / name).stat().st_mode) == 0o666 & ~umask, name

@@ -129,8 +129,9 @@ def test_learned_inner_rates_of_every_layer_and_step_each_epoch(events):
                for layer in LAYERS for step in range(STEPS))
 
 
-@pytest.mark.parametrize("mode", ["transductive", "running"])
-def test_validation_accuracy_and_interval_each_epoch_in_both_bn_modes(events, run, mode):
+@pytest.mark.parametrize("mode", ["transductive", "support"])
+def test_validation_accuracy_and_interval_each_epoch_as_trained_and_as_exported(events, run,
+                                                                                  mode):
     accuracy = scalars(events, f"val_{mode}/accuracy")
     interval = scalars(events, f"val_{mode}/interval")
     assert list(accuracy) == list(interval) == EPOCH_ENDS
@@ -185,4 +186,13 @@ def test_progress_off_a_terminal_is_plain_lines(run):
     lines = stderr.splitlines()
     for epoch in range(1, EPOCHS + 1):
         assert any(line.startswith(f"epoch {epoch}/{EPOCHS} {ITERS}/{ITERS} ") for line in lines)
-    assert any(line.startswith("test tasks 4/4 ") for line in lines)
+    assert any(line.startswith("test tasks (transductive batch norm) 4/4 ") for line in lines)
+
+
+@pytest.mark.parametrize("mode", ["transductive", "support"])
+def test_ensemble_test_accuracy_as_trained_and_as_exported(events, run, mode):
+    results = json.loads((run[0] / "results.json").read_text())
+    expected = results if mode == results["bn_mode"] else results["serving"]
+    assert expected["bn_mode"] == mode
+    (accuracy,) = scalars(events, f"test_{mode}/ensemble_accuracy").values()
+    assert accuracy == pytest.approx(expected["test_accuracy"], rel=1e-6)

@@ -65,11 +65,11 @@ def trained(tmp_path_factory):
     network_values, optimizer_values = {}, {}
     save_epoch = run_dir.save_epoch
 
-    def recording_save_epoch(checkpoint, iteration, history):
+    def recording_save_epoch(checkpoint, history):
         epoch = history[-1]["epoch"]
         network_values[epoch] = values_of(trainer.network.variables)
         optimizer_values[epoch] = values_of(trainer.optimizer.variables)
-        save_epoch(checkpoint, iteration, history)
+        save_epoch(checkpoint, history)
 
     run_dir.save_epoch = recording_save_epoch
     results = trainer.train()
@@ -105,7 +105,7 @@ def test_training_moved_every_kind_of_variable(trained):
     final = trained.network_values[EPOCHS]
     for variable, before, after in zip(network.variables, trained.initial_network_values, final):
         assert not np.array_equal(before, after), variable.path
-    assert network.norm0.moving_mean.shape == (INNER_STEPS, 8)
+    assert network.norm0.moving_mean.shape == (INNER_STEPS + 1, 8)  # one row per weight state
     assert network.conv0_inner_rate.shape == (INNER_STEPS,)
 
 
@@ -178,7 +178,7 @@ def test_results_record_each_kept_model_and_the_ensemble(trained):
                                         data.stream_seed(trained.trainer.config, "val"))
     assert results["confidence"] == 0.95
     assert results["inner_steps"] == INNER_STEPS
-    assert results["bn_eval"] == "transductive"
+    assert results["bn_mode"] == "transductive"
 
 
 def test_ensemble_is_the_mean_of_the_kept_models_probabilities(trained, fresh):
@@ -191,7 +191,7 @@ def test_ensemble_is_the_mean_of_the_kept_models_probabilities(trained, fresh):
             trained.run_dir.checkpoint_path(prefix)).expect_partial()
         outcome = evaluation.evaluate(
             fresh.meta_learner, data.evaluation_tasks(config, fresh.splits["test"], "test", 8),
-            INNER_STEPS, "batch")
+            INNER_STEPS, "transductive")
         assert outcome["probabilities"].shape == (8, 3, 3)
         np.testing.assert_allclose(outcome["probabilities"].sum(-1), 1.0, rtol=1e-5)
         if labels is not None:

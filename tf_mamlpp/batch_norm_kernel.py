@@ -57,9 +57,10 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
 
     Returns:
       (outputs, mean, variance): outputs like `inputs`; the batch mean and the
-      unbiased batch variance per channel, float32, as
-      tf.compat.v1.nn.fused_batch_norm returns them. Only `outputs` carries a
-      gradient.
+      biased batch variance per channel that normalised them, float32. All
+      three carry gradients: a target batch normalised with a support set's
+      statistics reaches the support pass through them. The statistics'
+      gradient is first order only (the outer tape takes it).
     """
 
     @tf.custom_gradient
@@ -68,12 +69,17 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
         outputs, mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
             x=inputs, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
             is_training=True)
+        size = _positions(inputs)
 
-        def gradient(d_outputs, unused_d_mean, unused_d_variance):
+        def gradient(d_outputs, d_mean, d_variance):
             with tf.name_scope(FIRST_DERIVATIVE_SCOPE):
-                return backward(d_outputs, inputs, gamma, mean, variance, *reserve)
+                dx, dg, db = backward(d_outputs, inputs, gamma, mean, variance, *reserve)
+                if not (_known_zero(d_mean) and _known_zero(d_variance)):
+                    dx += _statistics_gradient(inputs, mean, size, d_mean, d_variance)
+            return dx, dg, db
 
-        return (outputs, mean, variance), gradient
+        # FusedBatchNormV3 returns the unbiased variance; it normalised with the biased one.
+        return (outputs, mean, variance * ((size - 1) / size)), gradient
 
     @tf.custom_gradient
     def backward(dy, x, gamma, mean, variance, *reserve):
@@ -93,9 +99,22 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
     return normalise(inputs, gamma, beta)
 
 
+def _positions(x):
+    """M = N*H*W, the positions each channel's statistics are taken over, float32."""
+    return tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+
+
+def _statistics_gradient(x, mean, size, d_mean, d_variance):
+    """Gradient for x of the batch mean and biased variance, given theirs: dm/M + 2dv(x-m)/M."""
+    d_mean = 0.0 if d_mean is None else d_mean
+    d_variance = 0.0 if d_variance is None else d_variance
+    gradient = (d_mean + 2 * d_variance * (_to_float32(x) - mean)) / size
+    return tf.cast(gradient, x.dtype)
+
+
 def _second_derivative(dy, x, gamma, mean, variance, reserve, db, dg, ddx, ddg, ddb, epsilon):
     """Gradients for (dy, x, gamma) of the backward pass, given (ddx, ddg, ddb); see above."""
-    size = tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
+    size = _positions(x)
     biased_variance = variance * ((size - 1) / size)
     inv = tf.math.rsqrt(biased_variance + epsilon)
     a = gamma * inv
@@ -131,8 +150,11 @@ def _known_zero(tensor):
     """Whether `tensor` is zero before it runs.
 
     MAML's inner loop adapts no batch-norm weights, so the outer tape sends
-    constant zeros for the gradients of dg and db; their term is left out.
+    constant zeros for the gradients of dg and db, and a support loss sends
+    them for the batch statistics; their terms are left out.
     """
+    if tensor is None:
+        return True
     value = tf.get_static_value(tensor)
     return value is not None and not np.any(value)
 

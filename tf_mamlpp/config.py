@@ -34,7 +34,7 @@ PAPER_DEFAULTS = {
 # adds the loss scale to the checkpoint and changes the arithmetic of training.
 ARCHITECTURE_FIELDS = ("dataset", "way", "shot", "filters", "num_stages", "inner_steps",
                        "image_size", "channels", "bnrs", "bnwb", "lslr", "iters_per_epoch",
-                       "batch_size", "mixed_precision")
+                       "batch_size", "mixed_precision", "bn_mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ class ExperimentConfig:
     bnwb: bool = True
     lslr: bool = True
     ca: bool = True
-    bn_eval: str = "transductive"
+    bn_mode: str = "transductive"
     val_tasks: int = 600
     test_tasks: int = 600
     seed: int = 0

@@ -19,6 +19,7 @@ import tempfile
 import tensorflow as tf
 
 from tf_mamlpp.inner_loop import adapt_and_evaluate
+from tf_mamlpp.per_step_batch_norm import SERVING_MODES
 
 
 class ExportError(ValueError):
@@ -31,14 +32,18 @@ class AdaptingModel(tf.Module):
     Args:
       network: a trained `MamlppNetwork`.
       num_steps: inner steps to take on a new task.
-      bn_mode: batch-norm statistics at adaptation, "batch" or "running".
+
+    The model serves in the non-transductive mode that matches the one the
+    network was trained in (`SERVING_MODES`: a transductive model normalises
+    its queries with the support set's statistics), so no query's answer
+    depends on the other queries.
     """
 
-    def __init__(self, network, num_steps, bn_mode):
+    def __init__(self, network, num_steps):
         super().__init__(name="mamlpp")
         self.network = network
         self.num_steps = num_steps
-        self.bn_mode = bn_mode
+        self.bn_mode = SERVING_MODES[network.bn_mode]
         height, width, channels = network.image_shape
         # Read by `main.py --mode=adapt` to prepare images as training did.
         self.way = tf.Variable(network.way, trainable=False, name="way")
@@ -90,14 +95,14 @@ class AdaptingModel(tf.Module):
         return tf.ensure_shape(images, (None, *self.network.image_shape))
 
     def _embed(self, images):
-        """Features before the head under the meta-learned initialisation: (n, features)."""
-        images = self._check_image_shape(images)
-        features, _ = self.network.embed(
-            images[tf.newaxis], self.network.initial_fast_weights(), 0, self.bn_mode)
-        return {"features": features[0]}
+        """Features before the head under the meta-learned initialisation: (n, features).
+
+        Normalised by the initialisation's running banks: each image's own.
+        """
+        return {"features": self.network.running_embed(self._check_image_shape(images))}
 
 
-def export(network, num_steps, bn_mode, export_dir):
+def export(network, num_steps, export_dir):
     """Writes the SavedModel to `export_dir`, which must not exist or be empty.
 
     The model is written to a temporary folder beside `export_dir` and moved
@@ -111,7 +116,7 @@ def export(network, num_steps, bn_mode, export_dir):
         raise ExportError(f"--export_dir {export_dir} is not empty; choose a new folder "
                           "(an earlier export is never overwritten)")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    module = AdaptingModel(network, num_steps, bn_mode)
+    module = AdaptingModel(network, num_steps)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=export_dir.parent))
     try:
         tf.saved_model.save(module, str(staging / "model"), signatures={

@@ -1,7 +1,12 @@
 """Task adaptation: the inner loop of MAML++.
 
 Adaptation is a function: it takes the network, fast weights and a support
-set and returns new fast weights, changing no variable. Differentiating its
+set and returns new fast weights, changing no variable. The target set is
+scored at a weight state with the support pass at that state (whose
+statistics normalise it outside the transductive mode, see
+per_step_batch_norm.py), so the loop visits the S + 1 states in order and,
+where the mode needs it, passes the support set once more through the
+adapted weights. Differentiating its
 result under an outer tape gives the meta-gradient: second order when the
 inner gradients stay on the tape, first order when they are stopped (Finn et
 al., 2017, section 5.2; MAML++ derivative-order annealing switches between
@@ -12,7 +17,7 @@ mixed_precision.py).
 
 import tensorflow as tf
 
-from tf_mamlpp.per_step_batch_norm import BATCH
+from tf_mamlpp.per_step_batch_norm import SUPPORT, TASK_NORM, TRANSDUCTIVE
 
 
 def cross_entropy(labels, logits):
@@ -28,7 +33,7 @@ def accuracy(labels, logits):
 
 
 def inner_update(network, fast_weights, support_images, support_labels, step,
-                 second_order, bn_mode=BATCH, compute_dtype=tf.float32, loss_scale=None):
+                 second_order, bn_mode=TRANSDUCTIVE, compute_dtype=tf.float32, loss_scale=None):
     """One step of gradient descent on each task's support loss.
 
     The tasks' losses are summed before differentiating: each task's weights
@@ -36,13 +41,14 @@ def inner_update(network, fast_weights, support_images, support_labels, step,
 
     Args:
       network: a `MamlppNetwork`.
-      fast_weights: dict name -> (tasks, ...) tensor, the weights before this step.
+      fast_weights: dict name -> (tasks, ...) tensor, the weights before this
+        step (weight state `step`).
       support_images: (tasks, way*shot, height, width, channels).
       support_labels: (tasks, way*shot) int32.
       step: Python int, selects the step's batch-norm banks and rates (LSLR).
       second_order: keep the inner gradient on any enclosing tape, so the
         meta-gradient includes its derivative; stop it otherwise.
-      bn_mode: batch-norm statistics to normalise with.
+      bn_mode: one of per_step_batch_norm.MODES.
       compute_dtype: dtype of the forward and backward passes (float16 or
         bfloat16 under mixed precision); the weights and their gradients stay float32.
       loss_scale: None, or a float32 scalar that the support loss is
@@ -50,12 +56,12 @@ def inner_update(network, fast_weights, support_images, support_labels, step,
         after: a float16 backward pass of the unscaled loss underflows.
 
     Returns:
-      (new_fast_weights, statistics): the updated weights and the support
-      pass's per-stage (mean, variance) batch statistics, each (tasks, filters).
+      (new_fast_weights, moments): the updated weights and the support
+      pass's per-stage `Moments` at `fast_weights`.
     """
     with tf.GradientTape(watch_accessed_variables=False) as tape:
         tape.watch(fast_weights)
-        logits, statistics = network.forward(
+        logits, moments = network.forward(
             support_images, fast_weights, step, bn_mode, compute_dtype)
         loss = tf.reduce_sum(cross_entropy(support_labels, logits))
         if loss_scale is not None:
@@ -70,11 +76,12 @@ def inner_update(network, fast_weights, support_images, support_labels, step,
     new_weights = {
         name: weight - network.inner_rate(name, step) * gradients[name]
         for name, weight in fast_weights.items()}
-    return new_weights, statistics
+    return new_weights, moments
 
 
-def adapt_and_evaluate(network, tasks, num_steps, second_order, target_steps, bn_mode=BATCH,
-                       compute_dtype=tf.float32, loss_scale=None):
+def adapt_and_evaluate(network, tasks, num_steps, second_order, target_steps,
+                       bn_mode=TRANSDUCTIVE, compute_dtype=tf.float32, loss_scale=None,
+                       final_statistics=False):
     """Adapts to each task's support set and scores its target set.
 
     Args:
@@ -87,38 +94,69 @@ def adapt_and_evaluate(network, tasks, num_steps, second_order, target_steps, bn
       target_steps: Python ints, the steps after which the target set is
         scored (the multi-step loss needs all of them, plain MAML the last);
         must include the last step.
-      bn_mode: batch-norm statistics to normalise with.
+      bn_mode: one of per_step_batch_norm.MODES, for every pass.
       compute_dtype, loss_scale: see `inner_update`; the target losses are
         returned unscaled.
+      final_statistics: take the support set's statistics at the adapted
+        weights too, for the running bank of the last state, where the
+        mode does not need them anyway.
 
     Returns:
       dict with `target_losses` and `target_accuracies` (tasks, len(target_steps)),
       `logits` (tasks, way*query, way) after the last step, and `bn_means`,
-      `bn_variances`: per stage, (num_steps, filters) support statistics
-      averaged over the tasks.
+      `bn_variances`: per stage, (states, filters) support statistics
+      averaged over the tasks, one row for each weight state the support
+      set passed through (`support_states`), without gradient.
     """
     if num_steps - 1 not in target_steps:
         raise ValueError(f"target_steps {list(target_steps)} must include the last step "
                          f"{num_steps - 1}")
+    scored_states = [step + 1 for step in target_steps]
+    final_pass = support_states(num_steps, bn_mode, final_statistics) > num_steps
     num_tasks = tf.shape(tasks["support_images"])[0]
     weights = network.initial_fast_weights(num_tasks)
-    losses, accuracies, means, variances = [], [], [], []
-    for step in range(num_steps):
-        weights, statistics = inner_update(
-            network, weights, tasks["support_images"], tasks["support_labels"], step,
-            second_order, bn_mode, compute_dtype, loss_scale)
-        means.append([tf.reduce_mean(mean, axis=0) for mean, _ in statistics])
-        variances.append([tf.reduce_mean(variance, axis=0) for _, variance in statistics])
-        if step in target_steps:
+    losses, accuracies, support_moments = [], [], []
+    for state in range(num_steps + 1):
+        moments = None
+        if state < num_steps:
+            new_weights, moments = inner_update(
+                network, weights, tasks["support_images"], tasks["support_labels"], state,
+                second_order, bn_mode, compute_dtype, loss_scale)
+        elif final_pass:
+            _, moments = network.forward(
+                tasks["support_images"], weights, state, bn_mode, compute_dtype)
+        if moments is not None:
+            support_moments.append(moments)
+        if state in scored_states:
             logits, _ = network.forward(
-                tasks["target_images"], weights, step, bn_mode, compute_dtype)
+                tasks["target_images"], weights, state, bn_mode, compute_dtype,
+                support=moments or [None] * len(network.norms))
             losses.append(cross_entropy(tasks["target_labels"], logits))
             accuracies.append(accuracy(tasks["target_labels"], logits))
+        if state < num_steps:
+            weights = new_weights
+    means, variances = _bank_statistics(support_moments, network.filters)
     return {
         "target_losses": tf.stack(losses, axis=1),
         "target_accuracies": tf.stack(accuracies, axis=1),
         "logits": logits,
-        # (stages, num_steps, filters)
-        "bn_means": [tf.stack(stage) for stage in zip(*means)],
-        "bn_variances": [tf.stack(stage) for stage in zip(*variances)],
+        "bn_means": means,  # per stage, (states, filters)
+        "bn_variances": variances,
     }
+
+
+def _bank_statistics(support_moments, channels):
+    """Per stage, the (states, channels) support means and variances averaged over the tasks."""
+    def task_mean(values):  # (tasks*channels,) -> (channels,)
+        return tf.reduce_mean(tf.reshape(tf.stop_gradient(values), (-1, channels)), axis=0)
+
+    per_stage = list(zip(*support_moments))  # per stage, one Moments per state
+    return ([tf.stack([task_mean(m.mean) for m in stage]) for stage in per_stage],
+            [tf.stack([task_mean(m.variance) for m in stage]) for stage in per_stage])
+
+
+def support_states(num_steps, bn_mode, final_statistics=False):
+    """Weight states the support set passes through: the S steps', and the adapted
+    weights' where the target pass is normalised by it (or `final_statistics`)."""
+    final_pass = final_statistics or bn_mode in (SUPPORT, TASK_NORM)
+    return num_steps + int(final_pass)

@@ -15,9 +15,10 @@ meta-gradient is not finite is skipped; evaluation stays float32.
 
 import tensorflow as tf
 
-from tf_mamlpp.inner_loop import adapt_and_evaluate
+from tf_mamlpp.inner_loop import adapt_and_evaluate, support_states
 from tf_mamlpp.mixed_precision import all_finite
-from tf_mamlpp.per_step_batch_norm import BATCH
+from tf_mamlpp.network import grouped_convolution_gradients
+from tf_mamlpp.per_step_batch_norm import RUNNING
 
 TASK_KEYS = ("support_images", "support_labels", "target_images", "target_labels")
 
@@ -41,11 +42,20 @@ class MetaLearner:
       loss_scale: None (float32), or the `DynamicLossScale` of a mixed-precision
         run: the meta-step then computes in its `compute_dtype` and scales its
         losses.
+    Meta-training normalises in the network's `bn_mode` (see
+    per_step_batch_norm.py).
     """
 
     def __init__(self, network, optimizer, global_batch_size, strategy=None, jit_compile=False,
                  fold_tasks=False, loss_scale=None, parallel_tasks=1):
+        if fold_tasks and not grouped_convolution_gradients():
+            raise ValueError("--fold_tasks needs gradients of grouped convolutions, which "
+                             "TensorFlow lacks on this device (on a CPU they need AVX-512); "
+                             "run without --fold_tasks")
         self.network = network
+        self.bn_mode = network.bn_mode
+        # The running mode reads the bank of the adapted weights, so training fills it.
+        self.final_statistics = self.bn_mode == RUNNING
         self.fold_tasks = fold_tasks
         self.parallel_tasks = parallel_tasks
         self.loss_scale = loss_scale
@@ -56,8 +66,8 @@ class MetaLearner:
         # Slots created now, not inside the first trace (which would trace twice).
         optimizer.build(network.trainable_variables)
         self._replica_train_step = tf.function(self._replica_train_step_fn, jit_compile=jit_compile)
-        self.evaluate_batch = tf.function(
-            self._evaluate_batch_fn, jit_compile=jit_compile, reduce_retracing=True)
+        # A last, smaller batch of tasks is traced once more, with its own static shape.
+        self.evaluate_batch = tf.function(self._evaluate_batch_fn, jit_compile=jit_compile)
 
     @property
     def trace_count(self):
@@ -108,9 +118,9 @@ class MetaLearner:
         scale = self.loss_scale.scale.read_value() if mixed else None
         with tf.GradientTape() as tape:
             result = adapt_and_evaluate(
-                self.network, tasks, self.num_steps, second_order, target_steps,
+                self.network, tasks, self.num_steps, second_order, target_steps, self.bn_mode,
                 compute_dtype=self.loss_scale.compute_dtype if mixed else tf.float32,
-                loss_scale=scale)
+                loss_scale=scale, final_statistics=self.final_statistics)
             loss = tf.reduce_sum(result["target_losses"] * weights)
             # The inner losses carry the same scale (see mixed_precision.py).
             scaled_loss = loss * scale if mixed else loss
@@ -215,8 +225,8 @@ class MetaLearner:
 
     def _tasks_step_signature(self, multi_step):
         spec = lambda shape: tf.TensorSpec(shape, tf.float32)
-        stat_specs = [spec((self.num_steps, norm.moving_mean.shape[-1]))
-                      for norm in self.network.norms]
+        states = support_states(self.num_steps, self.bn_mode, self.final_statistics)
+        stat_specs = [spec((states, norm.moving_mean.shape[-1])) for norm in self.network.norms]
         return {
             "gradients": [spec(v.shape) for v in self.network.trainable_variables],
             "loss": spec(()),
@@ -226,22 +236,36 @@ class MetaLearner:
             "bn_variances": list(stat_specs),
         }
 
-    def _evaluate_batch_fn(self, batch, num_steps, bn_mode=BATCH):
+    def _evaluate_batch_fn(self, batch, num_steps, bn_mode):
         """Adapts to each task of `batch` and scores its target set after every step.
+
+        The tasks run as the meta-step runs them: folded into grouped
+        convolutions with `fold_tasks`, else `parallel_tasks` at a time.
 
         Args:
           batch: dict (see TASK_KEYS) with a leading tasks axis.
           num_steps: Python int, inner steps to take (steps past the trained
             number reuse the last step's banks and rates).
-          bn_mode: BATCH (transductive) or RUNNING batch-norm statistics.
+          bn_mode: the batch-norm mode (see per_step_batch_norm.py).
 
         Returns:
           dict with `accuracies` (tasks, num_steps) and `probabilities`
           (tasks, way*query, way) after the last step.
         """
+        def evaluate(tasks):
+            result = adapt_and_evaluate(
+                self.network, tasks, num_steps, second_order=False,
+                target_steps=list(range(num_steps)), bn_mode=bn_mode)
+            return {"accuracies": result["target_accuracies"],
+                    "probabilities": tf.nn.softmax(result["logits"])}
+
         tasks = {key: batch[key] for key in TASK_KEYS}
-        result = adapt_and_evaluate(
-            self.network, tasks, num_steps, second_order=False,
-            target_steps=list(range(num_steps)), bn_mode=bn_mode)
-        return {"accuracies": result["target_accuracies"],
-                "probabilities": tf.nn.softmax(result["logits"])}
+        if self.fold_tasks:
+            return evaluate(tasks)
+        queries, way = batch["target_labels"].shape[-1], self.network.way
+        per_task = tf.map_fn(
+            lambda task: evaluate(tf.nest.map_structure(lambda t: t[tf.newaxis], task)),
+            tasks, parallel_iterations=self.parallel_tasks, fn_output_signature={
+                "accuracies": tf.TensorSpec((1, num_steps), tf.float32),
+                "probabilities": tf.TensorSpec((1, queries, way), tf.float32)})
+        return {name: value[:, 0] for name, value in per_task.items()}

@@ -1,7 +1,8 @@
 """The MAML++ learner network: four conv stages and a linear head.
 
-Each stage is 3x3 convolution, per-step batch norm, ReLU and 2x2 max-pool
-(Antoniou et al., 2019, section 5; the VGG-style network of Finn et al., 2017).
+Each stage is 3x3 convolution, per-step batch norm, leaky ReLU (slope 0.01,
+as the reference code) and 2x2 max-pool (Antoniou et al., 2019, section 5;
+the VGG-style network of Finn et al., 2017).
 The model owns every meta-parameter: the conv and head weights that the inner
 loop adapts, the per-step batch-norm banks, and the learned per-layer,
 per-step inner learning rates (LSLR). Its forward pass is a function of
@@ -11,11 +12,14 @@ computes in the dtype each call asks for (float16 or bfloat16 under
 --mixed_precision, see mixed_precision.py); variables and fast weights stay float32.
 """
 
+import functools
+
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.max_pool_kernel import relu_max_pool_2x2
-from tf_mamlpp.per_step_batch_norm import BATCH, PerStepBatchNorm
+from tf_mamlpp.max_pool_kernel import leaky_relu_max_pool_2x2
+from tf_mamlpp.per_step_batch_norm import (RUNNING, TASK_NORM, TRANSDUCTIVE, PerStepBatchNorm,
+                                           check_mode)
 
 
 class MamlppNetwork(keras.Model):
@@ -24,7 +28,8 @@ class MamlppNetwork(keras.Model):
     Args:
       way: number of classes per task, the head's width.
       image_shape: (height, width, channels) of the input images.
-      num_steps: inner steps; sets the length of the per-step banks.
+      num_steps: inner steps; the per-step banks have one row per weight
+        state, num_steps + 1, and the rates one per step.
       filters: channels of every conv stage.
       num_stages: conv stages; each halves the spatial size.
       per_step_bn_statistics: BNRS switch.
@@ -32,12 +37,16 @@ class MamlppNetwork(keras.Model):
       learn_inner_rates: LSLR switch; when False the rates stay at `inner_lr`.
       inner_lr: initial value of every inner learning rate.
       bn_momentum: weight of new statistics in a running-bank update.
+      bn_mode: the batch-norm mode it is meta-trained in, and so evaluated and
+        exported in (see per_step_batch_norm.py).
     """
 
     def __init__(self, way, image_shape, num_steps, filters=64, num_stages=4,
                  per_step_bn_statistics=True, per_step_bn_affine=True,
-                 learn_inner_rates=True, inner_lr=0.1, bn_momentum=0.1, **kwargs):
+                 learn_inner_rates=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
+                 **kwargs):
         super().__init__(**kwargs)
+        self.bn_mode = check_mode(bn_mode)
         self.way = way
         self.image_shape = tuple(int(d) for d in image_shape)
         self.num_steps = num_steps
@@ -75,8 +84,9 @@ class MamlppNetwork(keras.Model):
             # autocast=False: Keras would cast a 16-bit input (see `embed`)
             # back to the layer's float32; the fused kernel takes either.
             norm = PerStepBatchNorm(
-                self.num_steps, self.per_step_bn_statistics, self.per_step_bn_affine,
-                momentum=self.bn_momentum, autocast=False, name=f"norm{i}")
+                self.num_steps + 1, self.per_step_bn_statistics, self.per_step_bn_affine,
+                momentum=self.bn_momentum, task_norm=self.bn_mode == TASK_NORM, autocast=False,
+                name=f"norm{i}")
             norm.build((None, *size, self.filters))
             setattr(self, f"norm{i}", norm)
             in_channels = self.filters
@@ -127,7 +137,8 @@ class MamlppNetwork(keras.Model):
         layer = weight_name.split("/")[0]
         return self.inner_rates[layer][min(step, self.num_steps - 1)]
 
-    def embed(self, images, fast_weights, step, bn_mode=BATCH, compute_dtype=tf.float32):
+    def embed(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE, compute_dtype=tf.float32,
+              support=None):
         """Features before the head, for a batch of tasks at once.
 
         The tasks are folded into the channel axis and every convolution is a
@@ -138,48 +149,69 @@ class MamlppNetwork(keras.Model):
           images: (tasks, batch, height, width, channels) float32 in [0, 1].
           fast_weights: dict from `initial_fast_weights` or the inner loop,
             each with a leading tasks axis, float32.
-          step: Python int, the inner step whose batch-norm banks are used.
-          bn_mode: BATCH or RUNNING statistics.
+          state: Python int, the weight state (0 before adaptation, i after
+            i inner steps) whose batch-norm banks are used.
+          bn_mode: one of per_step_batch_norm.MODES.
           compute_dtype: dtype of the convolutions and activations; images
             and kernels are cast to it (a no-op for float32). Batch norm
             keeps float32 gamma, beta and statistics.
+          support: None when `images` are the support sets; for target
+            images, the per-stage `Moments` their support pass returned at
+            the same weights (entries may be None in TRANSDUCTIVE and
+            RUNNING modes, which do not read them).
 
         Returns:
-          (features, statistics): (tasks, batch, feature_size) features in
-          `compute_dtype`, and one (mean, variance) pair of (tasks, filters)
-          float32 batch statistics per stage.
+          (features, moments): (tasks, batch, feature_size) features in
+          `compute_dtype`, and for a support pass one `Moments` of the
+          (tasks*filters,) support statistics per stage (None for a target
+          pass).
         """
         x = tf.cast(fold_tasks(images), compute_dtype)  # (batch, height, width, tasks*channels)
-        statistics = []
+        target = support is not None
+        moments = []
         for i, norm in enumerate(self.norms):
             kernel = tf.cast(grouped_kernel(fast_weights[f"conv{i}/kernel"]), compute_dtype)
             # No conv bias: batch norm subtracts the mean, so its gradient is zero.
             x = tf.nn.conv2d(x, kernel, 1, "SAME")
-            x, mean, variance = norm(x, step=step, mode=bn_mode)
-            statistics.append((mean, variance))
-            x = relu_max_pool_2x2(x)
+            x, stage_moments = norm(x, state=state, mode=bn_mode, target=target,
+                                    support=support[i] if target else None)
+            moments.append(stage_moments)
+            x = leaky_relu_max_pool_2x2(x)
         features = unfold_tasks(x, self.filters)  # (tasks, batch, h, w, filters)
-        return tf.reshape(features, (tf.shape(features)[0], -1, self.feature_size)), statistics
+        features = tf.reshape(features, (tf.shape(features)[0], -1, self.feature_size))
+        return features, (None if target else moments)
 
-    def forward(self, images, fast_weights, step, bn_mode=BATCH, compute_dtype=tf.float32):
+    def forward(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE,
+                compute_dtype=tf.float32, support=None):
         """Logits of a batch of tasks under `fast_weights`; see `embed`.
 
         Returns:
-          (logits, statistics): (tasks, batch, way) float32 logits (the loss
+          (logits, moments): (tasks, batch, way) float32 logits (the loss
           and softmax are taken in float32 whatever `compute_dtype` is) and
-          the per-stage batch statistics.
+          the per-stage support moments (None for a target pass).
         """
-        features, statistics = self.embed(images, fast_weights, step, bn_mode, compute_dtype)
+        features, moments = self.embed(
+            images, fast_weights, state, bn_mode, compute_dtype, support)
         logits = tf.matmul(features, tf.cast(fast_weights["head/kernel"], compute_dtype))
         logits = tf.cast(logits, tf.float32)
-        return logits + fast_weights["head/bias"][:, tf.newaxis, :], statistics
+        return logits + fast_weights["head/bias"][:, tf.newaxis, :], moments
+
+    def running_embed(self, images):
+        """(n, feature_size) features of (n, h, w, c) images under the initialisation.
+
+        Normalised by the running banks of the initialisation, so each image's
+        features are its own, whatever else is in the batch.
+        """
+        features, _ = self.embed(images[tf.newaxis], self.initial_fast_weights(), 0, RUNNING,
+                                 support=[None] * self.num_stages)
+        return features[0]
 
     def call(self, images):
         """Logits of (batch, h, w, c) images under the initialisation, before adaptation."""
-        return self.forward(images[tf.newaxis], self.initial_fast_weights(), 0)[0][0]
+        return tf.matmul(self.running_embed(images), self.head_kernel) + self.head_bias
 
     def update_running_statistics(self, per_stage_means, per_stage_variances):
-        """Folds (stages, steps, filters) batch statistics into the BN banks."""
+        """Folds (stages, states, filters) support statistics into the BN banks."""
         for norm, means, variances in zip(self.norms, per_stage_means, per_stage_variances):
             norm.update_running_statistics(means, variances)
 
@@ -189,7 +221,27 @@ class MamlppNetwork(keras.Model):
                 "per_step_bn_statistics": self.per_step_bn_statistics,
                 "per_step_bn_affine": self.per_step_bn_affine,
                 "learn_inner_rates": self.learn_inner_rates, "inner_lr": self.inner_lr,
-                "bn_momentum": self.bn_momentum}
+                "bn_momentum": self.bn_momentum, "bn_mode": self.bn_mode}
+
+
+@functools.cache
+def grouped_convolution_gradients():
+    """Whether TensorFlow differentiates grouped convolutions on its default device.
+
+    Folded tasks (`fold_tasks`) need them. TensorFlow's CPU kernels have them
+    only through oneDNN on CPUs with AVX-512; elsewhere the gradient fails
+    at run time, so it is tried once on two tiny groups.
+    """
+    x = tf.zeros((1, 3, 3, 2))
+    kernel = tf.zeros((1, 1, 1, 2))
+    try:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME"))
+        tape.gradient(loss, x).numpy()
+    except tf.errors.InvalidArgumentError:
+        return False
+    return True
 
 
 def fold_tasks(images):

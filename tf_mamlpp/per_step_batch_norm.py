@@ -1,57 +1,103 @@
-"""Batch normalisation with one bank of statistics and affine weights per inner step.
+"""Batch normalisation with one bank of statistics and affine weights per weight state.
 
 MAML++ (Antoniou et al., 2019, section 4, BNRS and BNWB) gives every inner
 step its own running mean/variance and its own gamma/beta, because the
 activations after step i of adaptation differ in distribution from those
-after step j. Each bank is one variable with a leading step axis, of shape
-(banks, channels), and step i reads row i only.
+after step j. A network adapted for S steps passes through S + 1 weight
+states (the initialisation, then one after each step), and every state is
+normalised, so each bank is one variable of shape (states, channels) and
+state i reads row i only.
+
+How a target (query) batch is normalised is the mode, the same in training
+and evaluation (Bronskill et al., "TaskNorm", ICML 2020, compare them):
+
+- TRANSDUCTIVE: every batch by its own statistics, as the reference code
+  does; a query's answer depends on the other queries sent with it.
+- SUPPORT (MetaBN): the support set's statistics at the same weights
+  normalise the support and the target pass.
+- TASK_NORM (TaskNorm-I): the support moments blended with each image's own
+  instance moments, alpha = sigmoid(a * support size + b) learned per layer.
+- RUNNING (BNRS): the target pass by the state's running bank.
+
+Outside TRANSDUCTIVE no target image is normalised by another target image.
+The support pass always uses the support set's statistics (TASK_NORM blends
+them with instance moments).
 
 The reference PyTorch implementation shares one running-statistics buffer
 across steps whenever per-step statistics are requested without per-step
 weights; here the two switches are independent and each does what it says.
 """
 
+import collections
+
 import keras
 import tensorflow as tf
 
 from tf_mamlpp.batch_norm_kernel import batch_norm_training
 
-BATCH = "batch"
+TRANSDUCTIVE = "transductive"
+SUPPORT = "support"
+TASK_NORM = "task_norm"
 RUNNING = "running"
+MODES = (TRANSDUCTIVE, SUPPORT, TASK_NORM, RUNNING)
+# What a model trained in each mode normalises its queries with once
+# deployed: a transductive model is served with the support statistics, so
+# that no answer depends on the other queries.
+SERVING_MODES = {TRANSDUCTIVE: SUPPORT, SUPPORT: SUPPORT, TASK_NORM: TASK_NORM, RUNNING: RUNNING}
+
+# A support set's per-channel statistics at one weight state, which its
+# target pass is normalised with: mean and biased variance, (tasks*channels,)
+# float32, differentiable; `size` is the number of support images.
+Moments = collections.namedtuple("Moments", ["mean", "variance", "size"])
+
+
+def check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"unknown batch-norm mode {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
 
 
 class PerStepBatchNorm(keras.layers.Layer):
-    """Per-step batch norm over the channel axis of NHWC activations.
+    """Per-state batch norm over the channel axis of NHWC activations.
 
     Args:
-      num_steps: inner steps the banks are kept for.
-      per_step_statistics: BNRS; one running-statistics bank per step when
+      num_states: weight states the banks are kept for (inner steps + 1).
+      per_step_statistics: BNRS; one running-statistics bank per state when
         True, one shared bank otherwise.
-      per_step_affine: BNWB; one gamma/beta bank per step when True, one shared
-        pair otherwise.
+      per_step_affine: BNWB; one gamma/beta bank per state when True, one
+        shared pair otherwise.
       momentum: weight of the new batch statistics in a running update.
-      epsilon: added to the variance before its square root.
+      epsilon: added to the variance before its square root; 1e-5 as in the
+        reference code (the first stage's activations have a variance of
+        about 3e-3, so a larger epsilon would flatten them).
+      task_norm: create TaskNorm-I's blend weights (only TASK_NORM reads them).
     """
 
-    def __init__(self, num_steps, per_step_statistics=True, per_step_affine=True,
-                 momentum=0.1, epsilon=1e-3, **kwargs):
+    def __init__(self, num_states, per_step_statistics=True, per_step_affine=True,
+                 momentum=0.1, epsilon=1e-5, task_norm=False, **kwargs):
         super().__init__(**kwargs)
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be at least 1, got {num_steps}")
-        self.num_steps = num_steps
+        if num_states < 1:
+            raise ValueError(f"num_states must be at least 1, got {num_states}")
+        self.num_states = num_states
         self.per_step_statistics = per_step_statistics
         self.per_step_affine = per_step_affine
         self.momentum = momentum
         self.epsilon = epsilon
+        self.task_norm = task_norm
 
     def build(self, input_shape):
         channels = int(input_shape[-1])
-        affine_banks = self.num_steps if self.per_step_affine else 1
-        stat_banks = self.num_steps if self.per_step_statistics else 1
+        affine_banks = self.num_states if self.per_step_affine else 1
+        stat_banks = self.num_states if self.per_step_statistics else 1
         self.gamma = self.add_weight(
             name="gamma", shape=(affine_banks, channels), initializer="ones")
         self.beta = self.add_weight(
             name="beta", shape=(affine_banks, channels), initializer="zeros")
+        if self.task_norm:
+            # TaskNorm-I's blend, alpha = sigmoid(a * support size + b); 0.5 at first.
+            self.blend_scale = self.add_weight(name="blend_scale", shape=(), initializer="zeros")
+            self.blend_offset = self.add_weight(name="blend_offset", shape=(),
+                                                initializer="zeros")
         # Replicas average their assignments, so banks stay identical across
         # devices under tf.distribute.
         self.moving_mean = self.add_weight(
@@ -62,68 +108,117 @@ class PerStepBatchNorm(keras.layers.Layer):
             trainable=False, aggregation="mean")
 
     @staticmethod
-    def bank_index(step, banks):
-        """Row of a bank that inner step `step` reads.
+    def bank_index(state, banks):
+        """Row of a bank that weight state `state` reads.
 
-        Steps past the trained number reuse the last bank, so a model trained
+        States past the trained number reuse the last bank, so a model trained
         with S steps can be evaluated with more.
         """
-        if step < 0:
-            raise ValueError(f"inner step must be non-negative, got {step}")
-        return min(step, banks - 1)
+        if state < 0:
+            raise ValueError(f"weight state must be non-negative, got {state}")
+        return min(state, banks - 1)
 
-    def call(self, inputs, step=0, mode=BATCH):
-        """Normalises `inputs` for inner step `step`, each task on its own.
+    def call(self, inputs, state=0, mode=TRANSDUCTIVE, target=False, support=None):
+        """Normalises `inputs` at weight state `state`, each task on its own.
 
         Args:
           inputs: (batch, height, width, tasks*channels) activations, the tasks
             of a meta-batch folded into the channel axis, task-major (see
             network.py); with one task this is plain NHWC.
-          step: Python int, the inner step whose banks are read.
-          mode: BATCH normalises with each task's batch statistics (training,
-            and transductive evaluation); RUNNING with the step's running bank.
+          state: Python int, the weight state whose banks are read.
+          mode: one of MODES.
+          target: False when `inputs` is the support set, True for a target
+            batch.
+          support: for a target batch, the `Moments` its support pass
+            returned at the same weights (unused in TRANSDUCTIVE and RUNNING
+            modes).
 
         Returns:
-          (outputs, mean, variance): the normalised activations and the
-          statistics used, (tasks, channels): in BATCH mode each task's batch
-          mean and unbiased variance, which the caller folds into the running
-          banks; the layer itself changes no variable.
+          (outputs, moments): the normalised activations, and for a support
+          pass the support set's `Moments` (None for a target pass); the
+          layer itself changes no variable.
         """
+        check_mode(mode)
         channels = self.gamma.shape[-1]
         tasks = inputs.shape[-1] // channels
-        affine_row = self.bank_index(step, self.gamma.shape[0])
+        affine_row = self.bank_index(state, self.gamma.shape[0])
         gamma = tf.tile(self.gamma[affine_row], [tasks])
         beta = tf.tile(self.beta[affine_row], [tasks])
-        if mode == BATCH:
+        if not target and mode == TASK_NORM:
+            moments = _batch_moments(inputs)
+            return self._task_norm(inputs, moments, gamma, beta), moments
+        if not target or mode == TRANSDUCTIVE:
             outputs, mean, variance = batch_norm_training(inputs, gamma, beta, self.epsilon)
-        elif mode == RUNNING:
-            row = self.bank_index(step, self.moving_mean.shape[0])
-            mean = tf.tile(self.moving_mean[row], [tasks])
-            variance = tf.tile(self.moving_variance[row], [tasks])
-            outputs, _, _ = tf.compat.v1.nn.fused_batch_norm(
-                inputs, gamma, beta, mean=mean, variance=variance, epsilon=self.epsilon,
-                is_training=False)
-        else:
-            raise ValueError(f"unknown batch-norm mode {mode!r}; expected {BATCH!r} or {RUNNING!r}")
-        return (outputs, tf.reshape(mean, (tasks, channels)),
-                tf.reshape(variance, (tasks, channels)))
+            size = tf.cast(tf.shape(inputs)[0], tf.float32)
+            return outputs, (None if target else Moments(mean, variance, size))
+        if mode == SUPPORT:
+            return _normalise(inputs, support.mean, support.variance, gamma, beta,
+                              self.epsilon), None
+        if mode == TASK_NORM:
+            return self._task_norm(inputs, support, gamma, beta), None
+        row = self.bank_index(state, self.moving_mean.shape[0])
+        outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=gamma, offset=beta, mean=tf.tile(self.moving_mean[row], [tasks]),
+            variance=tf.tile(self.moving_variance[row], [tasks]), epsilon=self.epsilon,
+            is_training=False)
+        return outputs, None
+
+    def _task_norm(self, inputs, support, gamma, beta):
+        """TaskNorm-I: `support` moments blended with each image's instance moments."""
+        alpha = tf.sigmoid(self.blend_scale * support.size + self.blend_offset)
+        instance_mean, instance_variance = _moments(inputs, axes=[1, 2], keepdims=True)
+        mean = alpha * support.mean + (1 - alpha) * instance_mean
+        variance = (alpha * (support.variance + tf.square(support.mean - mean))
+                    + (1 - alpha) * (instance_variance + tf.square(instance_mean - mean)))
+        return _normalise(inputs, mean, variance, gamma, beta, self.epsilon)
 
     def update_running_statistics(self, means, variances):
-        """Moves the running banks towards new statistics.
+        """Moves the first rows of the running banks towards new statistics.
 
         Args:
-          means, variances: (num_steps, channels), the batch statistics seen at
-            each inner step. With one shared bank their mean over steps is used.
+          means, variances: (states, channels), the support set's statistics
+            at the first `states` weight states; rows past them are kept. With
+            one shared bank their mean over states is used.
         """
         if not self.per_step_statistics:
             means = tf.reduce_mean(means, axis=0, keepdims=True)
             variances = tf.reduce_mean(variances, axis=0, keepdims=True)
-        self.moving_mean.assign(self.moving_mean * (1 - self.momentum) + means * self.momentum)
-        self.moving_variance.assign(
-            self.moving_variance * (1 - self.momentum) + variances * self.momentum)
+        for bank, new in ((self.moving_mean, means), (self.moving_variance, variances)):
+            rows = new.shape[0]
+            moved = bank[:rows] * (1 - self.momentum) + new * self.momentum
+            bank.assign(tf.concat([moved, bank[rows:]], axis=0))
 
     def get_config(self):
-        return {**super().get_config(), "num_steps": self.num_steps,
+        return {**super().get_config(), "num_states": self.num_states,
                 "per_step_statistics": self.per_step_statistics,
                 "per_step_affine": self.per_step_affine,
-                "momentum": self.momentum, "epsilon": self.epsilon}
+                "momentum": self.momentum, "epsilon": self.epsilon, "task_norm": self.task_norm}
+
+
+def _batch_moments(inputs):
+    """Per-channel mean and biased variance over batch and positions, float32."""
+    mean, variance = _moments(inputs, axes=[0, 1, 2])
+    return Moments(mean, variance, tf.cast(tf.shape(inputs)[0], tf.float32))
+
+
+def _moments(inputs, axes, keepdims=False):
+    """Mean and biased variance in float32, differentiable to second order.
+
+    tf.nn.moments stops the gradient through the mean inside the variance,
+    which is exact to first order only.
+    """
+    inputs = tf.cast(inputs, tf.float32)
+    mean = tf.reduce_mean(inputs, axis=axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(inputs - mean), axis=axes, keepdims=keepdims)
+    return (mean if keepdims else tf.squeeze(mean, axes)), variance
+
+
+def _normalise(inputs, mean, variance, gamma, beta, epsilon):
+    """gamma * (inputs - mean) / sqrt(variance + epsilon) + beta in float32, cast back.
+
+    Plain TensorFlow ops: the gradient reaches the statistics too, and hence
+    the support pass they came from.
+    """
+    scale = gamma * tf.math.rsqrt(variance + epsilon)
+    outputs = (tf.cast(inputs, tf.float32) - mean) * scale + beta
+    return tf.cast(outputs, inputs.dtype)

@@ -21,6 +21,7 @@ CONFIG = "config.json"
 HISTORY = "history.json"
 BEST = "best.json"
 PARTIAL_EPOCH = "partial_epoch.json"
+UNVALIDATED_EPOCH = "unvalidated_epoch.json"
 
 
 class RunDirectoryError(ValueError):
@@ -33,12 +34,33 @@ def experiment_name(config):
 
 
 def write_json_atomically(path, value):
-    """Writes `value` as JSON to `path` through a temporary file and a rename."""
+    """Writes `value` as JSON to `path` through a temporary file and a rename.
+
+    The file gets the mode `open(path, "w")` would give it, not the temporary
+    file's 0o600, so that a run's results are as readable as any other file.
+    """
     path = pathlib.Path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
                                      delete=False) as temporary:
         temporary.write(json.dumps(value, indent=2, sort_keys=True))
+    os.chmod(temporary.name, 0o666 & ~_umask())
     os.replace(temporary.name, path)
+
+
+def _umask():
+    """The process's umask, from /proc where Linux shows it: os.umask reads it only by
+    setting it, and a file another thread creates meanwhile gets the value set (here
+    0o077, so such a file is never more open than asked)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o077)
+    os.umask(umask)
+    return umask
 
 
 def _reason(error):
@@ -165,21 +187,43 @@ class RunDirectory:
         with self._reporting_write_errors(f"the checkpoint of iteration {iteration}"):
             self._manager(checkpoint).save(checkpoint_number=iteration)
 
-    def save_epoch(self, checkpoint, iteration, history):
-        """Writes the history and the end-of-epoch checkpoint, and keeps the best ones.
+    def save_trained_epoch(self, checkpoint, iteration, record):
+        """Writes an epoch's checkpoint and training figures before it is validated.
 
-        The history goes first and the latest checkpoint last: a run killed
-        before that resumes from the previous checkpoint, cuts the history back
-        to it and runs the epoch again, replacing its best-checkpoint entry.
+        A failure or a kill during validation then costs no training: the run
+        resumes with the epoch's validation (`read_unvalidated_epoch`).
 
         Raises:
           RunDirectoryError: a file cannot be written (a full disk); the
             previous checkpoint stays the latest, and loadable.
         """
-        with self._reporting_write_errors(f"epoch {history[-1]['epoch']}"):
-            write_json_atomically(self.path / HISTORY, history)
-            self._keep_if_best(checkpoint, history[-1]["epoch"], history[-1]["val_accuracy"])
+        with self._reporting_write_errors(f"epoch {record['epoch']}"):
+            write_json_atomically(self.path / UNVALIDATED_EPOCH,
+                                  {"iteration": iteration, "record": record})
             self.save_checkpoint(checkpoint, iteration)
+
+    def read_unvalidated_epoch(self, iteration):
+        """The record `save_trained_epoch` wrote at `iteration`, else None."""
+        file = self.path / UNVALIDATED_EPOCH
+        if file.exists():
+            unvalidated = json.loads(file.read_text())
+            if unvalidated["iteration"] == iteration:
+                return unvalidated["record"]
+        return None
+
+    def save_epoch(self, checkpoint, history):
+        """Keeps the validated epoch's checkpoint if it is among the best, then writes the history.
+
+        The history goes last: a run killed before it resumes by validating
+        the epoch again, replacing its best-checkpoint entry.
+
+        Raises:
+          RunDirectoryError: a file cannot be written (a full disk); the
+            epoch's checkpoint stays the latest, and loadable.
+        """
+        with self._reporting_write_errors(f"epoch {history[-1]['epoch']}"):
+            self._keep_if_best(checkpoint, history[-1]["epoch"], history[-1]["val_accuracy"])
+            write_json_atomically(self.path / HISTORY, history)
 
     @contextlib.contextmanager
     def _reporting_write_errors(self, what):

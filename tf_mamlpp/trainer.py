@@ -17,10 +17,8 @@ from absl import logging
 from tf_mamlpp import data, distribution, evaluation, export, mixed_precision, schedules
 from tf_mamlpp.meta_learner import MetaLearner
 from tf_mamlpp.network import MamlppNetwork
-from tf_mamlpp.per_step_batch_norm import BATCH, RUNNING
+from tf_mamlpp.per_step_batch_norm import SERVING_MODES
 from tf_mamlpp.progress import Progress
-
-BN_EVAL_MODES = {"transductive": BATCH, "running": RUNNING}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,7 +31,7 @@ def build_network(config):
         way=config.way, image_shape=(config.image_size, config.image_size, config.channels),
         num_steps=config.inner_steps, filters=config.filters, num_stages=config.num_stages,
         per_step_bn_statistics=config.bnrs, per_step_bn_affine=config.bnwb,
-        learn_inner_rates=config.lslr, inner_lr=config.inner_lr)
+        learn_inner_rates=config.lslr, inner_lr=config.inner_lr, bn_mode=config.bn_mode)
 
 
 def build_optimizer(config):
@@ -122,13 +120,15 @@ class Trainer:
                          done % config.iters_per_epoch + 1)
         with self.writer.as_default(step=done):
             tf.summary.text("config", f"```\n{config.to_json()}\n```")
+        unvalidated = self.run_dir.read_unvalidated_epoch(done)
+        if done and len(history) < start_epoch and unvalidated:
+            self._validate_and_save(unvalidated, history)
         tasks = iter(data.training_tasks(config, self.splits["train"], start_iteration=done))
         for epoch in range(start_epoch, config.epochs):
             record = self.train_epoch(epoch, tasks)
-            record.update(self.validate(epoch))
-            history.append(record)
             if self.is_chief:
-                self.run_dir.save_epoch(self.checkpoint, self.iterations_done, history)
+                self.run_dir.save_trained_epoch(self.checkpoint, self.iterations_done, record)
+            self._validate_and_save(record, history)
             if self.stop_requested and epoch + 1 < config.epochs:
                 raise TrainingInterrupted(f"stopped after epoch {epoch + 1}; checkpoint written "
                                           f"to {self.run_dir.path}")
@@ -139,6 +139,12 @@ class Trainer:
         if not (self.run_dir.path / "export").exists():
             self.export_best(self.run_dir.path / "export")
         return results
+
+    def _validate_and_save(self, record, history):
+        """Validates the epoch `record` describes and writes it to the history."""
+        history.append({**record, **self.validate(record["epoch"] - 1)})
+        if self.is_chief:
+            self.run_dir.save_epoch(self.checkpoint, history)
 
     def train_epoch(self, epoch, tasks):
         """Runs the rest of epoch `epoch` under the schedules in force at that epoch."""
@@ -227,43 +233,46 @@ class Trainer:
                 for index, rate in enumerate(rates.numpy()):
                     tf.summary.scalar(f"lslr/{layer}_step_{index}", rate)
 
-    def evaluate_split(self, split, num_tasks, bn_eval=None):
+    @property
+    def evaluation_modes(self):
+        """The batch-norm modes a model is scored in: the trained one, and the exported one.
+
+        A transductive model is exported to normalise its queries with the
+        support statistics; both figures are recorded, the first ranks.
+        """
+        return list(dict.fromkeys([self.config.bn_mode, SERVING_MODES[self.config.bn_mode]]))
+
+    def evaluate_split(self, split, num_tasks, bn_mode):
         """Accuracy of the current model on the fixed task set of `split`."""
         config = self.config
-        progress = Progress(num_tasks, f"{split} tasks")
+        progress = Progress(num_tasks, f"{split} tasks ({bn_mode} batch norm)")
         result = evaluation.evaluate(
             self.meta_learner, data.evaluation_tasks(config, self.splits[split], split, num_tasks),
-            config.eval_inner_steps, BN_EVAL_MODES[bn_eval or config.bn_eval], progress)
+            config.eval_inner_steps, bn_mode, progress)
         progress.close()
         return result
 
     def validate(self, epoch):
-        """Validation accuracy after `epoch` under both batch-norm modes.
-
-        The configured --bn_eval mode ranks the checkpoints; the other is
-        recorded beside it, so every run measures the paper's running
-        statistics against the reference code's transductive batch norm.
-        """
+        """Validation accuracy after `epoch` in each of `evaluation_modes`; the first ranks."""
         record = {}
         step = (epoch + 1) * self.config.iters_per_epoch
-        for bn_eval in BN_EVAL_MODES:
-            result = self.evaluate_split("val", self.config.val_tasks, bn_eval)
+        for bn_mode in self.evaluation_modes:
+            result = self.evaluate_split("val", self.config.val_tasks, bn_mode)
             mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
-            record[f"val_accuracy_{bn_eval}"] = mean
-            record[f"val_interval_{bn_eval}"] = interval
+            record[f"val_accuracy_{bn_mode}"] = mean
+            record[f"val_interval_{bn_mode}"] = interval
             with self.writer.as_default(step=step):
-                tf.summary.scalar(f"val_{bn_eval}/accuracy", mean)
-                tf.summary.scalar(f"val_{bn_eval}/interval", interval)
+                tf.summary.scalar(f"val_{bn_mode}/accuracy", mean)
+                tf.summary.scalar(f"val_{bn_mode}/interval", interval)
                 for inner_step, accuracy in enumerate(result["accuracies"].mean(axis=0)):
-                    tf.summary.scalar(f"val_{bn_eval}/accuracy_after_step_{inner_step}", accuracy)
+                    tf.summary.scalar(f"val_{bn_mode}/accuracy_after_step_{inner_step}", accuracy)
         self.writer.flush()
-        record["val_accuracy"] = record[f"val_accuracy_{self.config.bn_eval}"]
-        record["val_interval"] = record[f"val_interval_{self.config.bn_eval}"]
-        logging.info("epoch %d: validation accuracy %.2f%% ± %.2f (%s batch norm; %s: %.2f%%)",
-                     epoch + 1, 100 * record["val_accuracy"], 100 * record["val_interval"],
-                     self.config.bn_eval, *[(mode, 100 * record[f"val_accuracy_{mode}"])
-                                            for mode in BN_EVAL_MODES
-                                            if mode != self.config.bn_eval][0])
+        record["val_accuracy"] = record[f"val_accuracy_{self.config.bn_mode}"]
+        record["val_interval"] = record[f"val_interval_{self.config.bn_mode}"]
+        logging.info("epoch %d: validation accuracy %s", epoch + 1, "; ".join(
+            f"{100 * record[f'val_accuracy_{mode}']:.2f}% ± "
+            f"{100 * record[f'val_interval_{mode}']:.2f} ({mode} batch norm)"
+            for mode in self.evaluation_modes))
         return record
 
     def test(self):
@@ -271,33 +280,48 @@ class Trainer:
 
         Antoniou et al. (2019) report the ensemble of the three best validation
         checkpoints: the mean of their predicted probabilities. Each model and
-        the ensemble are scored over the same fixed test tasks; the table is
-        logged and written to results.json, with the ensemble as the headline.
+        the ensemble are scored over the same fixed test tasks in the trained
+        batch-norm mode, the headline; a transductive run is also scored as
+        its export serves (`evaluation_modes`), under `serving`. The table is
+        logged and written to results.json.
         """
         config = self.config
         best = self.run_dir.best_checkpoints()
         if not best:
             raise ValueError(f"{self.run_dir.path} has no validated checkpoint to test yet")
-        models, probabilities = [], []
+        results = {mode: {"models": [], "probabilities": []} for mode in self.evaluation_modes}
         for val_accuracy, epoch, prefix in best:
             self.run_dir.restore_best(self.network, prefix)
-            result = self.evaluate_split("test", config.test_tasks)
-            mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
-            models.append({"epoch": epoch, "val_accuracy": val_accuracy,
-                           "test_accuracy": mean, "test_interval": interval})
-            probabilities.append(result["probabilities"])
-        mean, interval = evaluation.mean_and_interval(
-            evaluation.ensemble_accuracies(probabilities, result["labels"]))
-        results = {"test_accuracy": mean, "test_interval": interval, "models": models,
-                   "test_tasks": config.test_tasks, "test_seed": data.stream_seed(config, "test"),
-                   "confidence": 0.95, "bn_eval": config.bn_eval,
-                   "inner_steps": config.eval_inner_steps}
+            for mode, scores in results.items():
+                result = self.evaluate_split("test", config.test_tasks, mode)
+                mean, interval = evaluation.mean_and_interval(result["accuracies"][:, -1])
+                scores["models"].append({"epoch": epoch, "val_accuracy": val_accuracy,
+                                         "test_accuracy": mean, "test_interval": interval})
+                scores["probabilities"].append(result.pop("probabilities"))
+        for mode, scores in results.items():
+            scores["test_accuracy"], scores["test_interval"] = evaluation.mean_and_interval(
+                evaluation.ensemble_accuracies(scores.pop("probabilities"), result["labels"]))
+            scores["bn_mode"] = mode
+            self._log_test(scores)
+        headline, *serving = results.values()
+        results = {**headline, "test_tasks": config.test_tasks,
+                   "test_seed": data.stream_seed(config, "test"), "confidence": 0.95,
+                   "inner_steps": config.eval_inner_steps,
+                   **({"serving": serving[0]} if serving else {})}
         self.run_dir.write_json("results.json", results)
-        rows = [f"epoch {m['epoch']:4d}  val {100 * m['val_accuracy']:6.2f}%  test "
-                f"{100 * m['test_accuracy']:6.2f}% ± {100 * m['test_interval']:.2f}" for m in models]
-        logging.info("test accuracy over %d tasks:\n%s\nensemble of %d: %.2f%% ± %.2f",
-                     config.test_tasks, "\n".join(rows), len(models), 100 * mean, 100 * interval)
+        with self.writer.as_default(step=self.iterations_done):
+            for scores in (headline, *serving):
+                tf.summary.scalar(f"test_{scores['bn_mode']}/ensemble_accuracy",
+                                  scores["test_accuracy"])
         return results
+
+    def _log_test(self, scores):
+        rows = [f"epoch {m['epoch']:4d}  val {100 * m['val_accuracy']:6.2f}%  test "
+                f"{100 * m['test_accuracy']:6.2f}% ± {100 * m['test_interval']:.2f}"
+                for m in scores["models"]]
+        logging.info("test accuracy over %d tasks, %s batch norm:\n%s\nensemble of %d: "
+                     "%.2f%% ± %.2f", self.config.test_tasks, scores["bn_mode"], "\n".join(rows),
+                     len(rows), 100 * scores["test_accuracy"], 100 * scores["test_interval"])
 
     def export_best(self, export_dir):
         """Exports the best validation checkpoint as an adapting SavedModel."""
@@ -305,7 +329,6 @@ class Trainer:
         if not best:
             raise ValueError(f"{self.run_dir.path} has no validated checkpoint to export yet")
         self.run_dir.restore_best(self.network, best[0][2])
-        path = export.export(self.network, self.config.eval_inner_steps,
-                             BN_EVAL_MODES[self.config.bn_eval], export_dir)
+        path = export.export(self.network, self.config.eval_inner_steps, export_dir)
         logging.info("exported the epoch-%d model to %s", best[0][1], path)
         return path
