@@ -20,6 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
+from tf_mamlpp.config import BN_MODES  # noqa: E402
+
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("mode", "train", ["train", "test", "export", "adapt"],
@@ -79,7 +81,7 @@ flags.DEFINE_bool("bnwb", True, "BNWB: per-step batch-norm weights and biases. D
 flags.DEFINE_bool("lslr", True, "LSLR: learned per-layer, per-step inner learning rates. "
                   "Default true.")
 flags.DEFINE_bool("ca", True, "CA: cosine annealing of the meta learning rate. Default true.")
-flags.DEFINE_enum("bn_mode", "transductive", ["transductive", "support", "task_norm", "running"],
+flags.DEFINE_enum("bn_mode", "transductive", BN_MODES,
                   "Batch norm of the target (query) pass, in meta-training and evaluation "
                   "alike: transductive (each batch by its own statistics, as the reference "
                   "code; exported models then normalise queries by the support set's), support "
@@ -105,9 +107,10 @@ flags.DEFINE_string("support_dir", None, "--mode=adapt: folder with one sub-fold
                     "per class. Default: none.")
 flags.DEFINE_string("query_dir", None, "--mode=adapt: folder of images to classify. "
                     "Default: none.")
-flags.DEFINE_string("strategy", "default", "tf.distribute strategy: default (one device), "
-                    "mirrored (every GPU of this host) or multi_worker (hosts listed in "
-                    "TF_CONFIG); --batch_size is split over the replicas. Default default.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                  "tf.distribute strategy: default (one device), mirrored (every GPU of this "
+                  "host) or multi_worker (hosts listed in TF_CONFIG); --batch_size is split "
+                  "over the replicas. Default default.")
 flags.DEFINE_bool("run_eagerly", False, "Run the steps eagerly, for debugging. Default false.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false "
                   "(slower on CPU; see benchmarks/README.md).")
@@ -165,13 +168,16 @@ def open_run():
 
 def train(trainer):
     """Trains; SIGINT/SIGTERM stop it after the current iteration with a checkpoint."""
-    from tf_mamlpp.trainer import NonFiniteLossError, TrainingInterrupted
+    from tf_mamlpp.trainer import NonFiniteLossError, RunComplete, TrainingInterrupted
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: trainer.request_stop())
     try:
         return trainer.train()
     except TrainingInterrupted as stop:
         print(f"{stop}. Run the same command again to resume.")
+        return None
+    except RunComplete as complete:
+        print(complete)
         return None
     except NonFiniteLossError as error:
         fail(error)
@@ -180,7 +186,8 @@ def train(trainer):
 def run():
     if FLAGS.mode == "train":
         resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
-    import tensorflow as tf
+    from tf_mamlpp.quiet_start import start_tensorflow
+    tf, gpus = start_tensorflow()
     from tf_mamlpp import cpu_threads, data, mixed_precision
     from tf_mamlpp.distribution import make_strategy
     from tf_mamlpp.trainer import Trainer
@@ -201,6 +208,8 @@ def run():
     if FLAGS.mode == "train":
         data.prepare(resolved_config())  # decodes the data: a corrupt file fails before any write
     run_dir, config = open_run()
+    if not gpus:
+        logging.info("No GPU found: running on the CPU.")
     logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())
     trainer = Trainer(config, run_dir, jit_compile=FLAGS.jit_compile,
                       fold_tasks=FLAGS.fold_tasks, parallel_tasks=parallel_tasks,

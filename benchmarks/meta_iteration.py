@@ -21,11 +21,11 @@ import sys
 
 from absl import app, flags
 
-from measurement import peak_gb, run_json_child, time_step
+from measurement import cpu_description, peak_gb, run_json_child, time_step
 from random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
                           config_names, random_batch)
 from reference_maml import check_checkout, measure as measure_reference
-from tf_mamlpp.per_step_batch_norm import check_mode
+from tf_mamlpp.config import BN_MODES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
@@ -128,8 +128,10 @@ def main(argv):
         return
     try:
         names = config_names(FLAGS.configs)
-        for bn_mode in FLAGS.bn_modes:
-            check_mode(bn_mode)
+        unknown = sorted(set(FLAGS.bn_modes) - set(BN_MODES))
+        if unknown:
+            raise ValueError(f"--bn_modes: unknown mode {', '.join(unknown)}; known: "
+                             f"{', '.join(BN_MODES)}")
         reference_dir = FLAGS.reference_dir and check_checkout(FLAGS.reference_dir)
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -140,6 +142,7 @@ def main(argv):
           f"median of {FLAGS.iterations} iterations, jit_compile={FLAGS.jit_compile}, "
           f"mixed_precision={FLAGS.mixed_precision}; "
           f"4096x4096 matmul {matmul:.1f} GFLOP/s; reference {reference}")
+    print(f"CPU: {cpu_description()}")
     print("| configuration | variant | batch norm | s/iter | reference s/iter | speed-up "
           "| peak GB | reference GB | first call s | GFLOP/iter | GFLOP/s | of matmul |")
     print("| --- " * 12 + "|")

@@ -1,5 +1,6 @@
 """The benchmark's bad flags: a one-line error naming the flag, before anything is measured."""
 
+import importlib.util
 import pathlib
 import subprocess
 import sys
@@ -12,6 +13,7 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "meta_iter
 @pytest.mark.parametrize("flag, named", [
     ("--reference_dir=/nonexistent/HowToTrainYourMAMLPytorch", "--reference_dir="),
     ("--configs=20-way_1-shot,7-way_3-shot", "--configs: unknown configuration '7-way_3-shot'"),
+    ("--bn_modes=support,metabn", "--bn_modes: unknown mode metabn"),
 ])
 def test_a_bad_flag_is_refused_in_one_line(flag, named):
     result = subprocess.run([sys.executable, str(SCRIPT), flag], capture_output=True, text=True,
@@ -20,3 +22,16 @@ def test_a_bad_flag_is_refused_in_one_line(flag, named):
     assert result.stdout == ""  # no table begun, no matmul measured
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0]
+
+
+def test_figures_name_their_cpu(tmp_path):
+    """Model, usable cores and the flags that decide oneDNN's kernels, as /proc/cpuinfo says."""
+    spec = importlib.util.spec_from_file_location("measurement", SCRIPT.parent / "measurement.py")
+    measurement = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(measurement)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
+                       "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16 avx512_vnni\n")
+    description = measurement.cpu_description(cpuinfo)
+    assert description.startswith("Intel(R) Xeon(R) Platinum 8481C, ")
+    assert description.endswith(" cores, avx2 avx512f avx512_bf16 avx512_fp16")

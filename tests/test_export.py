@@ -2,33 +2,55 @@
 
 A tiny run is trained in-process (its training exports the best checkpoint
 to run/export); a separate Python process that never imports tf_mamlpp loads
-that SavedModel and adapts it to a real Omniglot episode, and its outputs must
-equal the in-process `AdaptingModel`'s at two numbers of query images. The
-subprocesses (the loader, `main.py --mode=export`, `saved_model_cli`) run
-side by side.
+that SavedModel and adapts it to a real Omniglot episode, given as the
+training arrays and as the archive's PNG files, and its outputs must equal
+the in-process `AdaptingModel`'s at two numbers of query images, TensorFlow
+1's loader's (`saved_model_cli run`, as TensorFlow Serving loads) and
+`main.py --mode=adapt`'s. The subprocesses run side by side.
 """
 
 import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from synthetic_images import write_split_folders
 from tf_mamlpp import config as config_module
-from tf_mamlpp import export
+from tf_mamlpp import decoded_images, export
+from tf_mamlpp.batch_norm_kernel import tensorflow_derivatives
+from tf_mamlpp.image_folders import index_splits
+from tf_mamlpp.inner_loop import adapt_and_evaluate
 from tf_mamlpp.run_directory import RunDirectory
 from tf_mamlpp.trainer import Trainer, build_network
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+OMNIGLOT = REPO / "datasets" / "omniglot"
 WAY, FILTERS, INNER_STEPS = 3, 8, 2
 QUERY_COUNTS = (3, 7)
+# What TensorFlow's native libraries write to standard error as it starts,
+# on any machine without a GPU; the loader may print nothing else.
+START_UP_NOTES = re.compile(
+    r"All log messages before absl::InitializeLog|cudart_stub\.cc|cuda_platform\.cc|"
+    r"cuda_executor\.cc|cuda_diagnostics\.cc|cpu_feature_guard\.cc|"
+    r"To enable the following instructions|oneDNN custom operations are on")
+
+# The inputs of the adapt signatures, by signature.
+SIGNATURE_INPUTS = {
+    "adapt_and_predict": ("support_images", "support_labels", "query_images"),
+    "adapt_and_predict_files": ("support_image_bytes", "support_labels", "query_image_bytes"),
+}
+# What the LOADER writes to standard error before its error cases.
+ERROR_CASES = "error cases:"
 
 # Runs in a clean process: only TensorFlow and numpy, from a folder where
 # tf_mamlpp is not importable by path.
@@ -37,11 +59,11 @@ LOADER = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
 
-    export_dir, episode_file, out_dir = sys.argv[1:]
+    export_dir, episode_dir, out_dir = sys.argv[1:]
     model = tf.saved_model.load(export_dir)
     adapt = model.signatures["adapt_and_predict"]
     embed = model.signatures["embed"]
-    episode = dict(np.load(episode_file))
+    episode = dict(np.load(episode_dir + "/episode.npz"))
     arrays, errors = {}, {}
     for n in (3, 7):
         out = adapt(support_images=tf.constant(episode["support_images"]),
@@ -50,6 +72,16 @@ LOADER = textwrap.dedent("""
         arrays[f"logits_{n}"] = out["logits"].numpy()
         arrays[f"probabilities_{n}"] = out["probabilities"].numpy()
     arrays["features"] = embed(images=tf.constant(episode["query_images"]))["features"].numpy()
+    with open(episode_dir + "/files.json") as file:
+        files = json.load(file)
+    contents = {name: [open(path, "rb").read() for path in paths]
+                for name, paths in files.items()}
+    arrays["files_probabilities"] = model.signatures["adapt_and_predict_files"](
+        support_image_bytes=tf.constant(contents["support"]),
+        support_labels=tf.constant(episode["support_labels"]),
+        query_image_bytes=tf.constant(contents["query"]))["probabilities"].numpy()
+    # TensorFlow logs each input refused below; the test reads the lines before.
+    print("error cases:", file=sys.stderr, flush=True)
 
     def error_of(name, call):
         try:
@@ -79,8 +111,8 @@ LOADER = textwrap.dedent("""
     error_of("embed_32x32", lambda: embed(images=tf.zeros((3, 32, 32, 1))))
     np.savez(out_dir + "/outputs.npz", **arrays)
     with open(out_dir + "/report.json", "w") as file:
-        json.dump({"errors": errors, "way": int(model.way.numpy()),
-                   "image_shape": [int(d) for d in model.image_shape.numpy()],
+        json.dump({"errors": errors, "way": int(model.way[0].numpy()),
+                   "image_shape": [int(d) for d in model.image_shape[0].numpy()],
                    "tf_mamlpp_imported": any(name.startswith("tf_mamlpp")
                                              for name in sys.modules)}, file)
 """)
@@ -116,33 +148,83 @@ def adapting_model(trained):
     return export.AdaptingModel(network, trained.config.eval_inner_steps)
 
 
+def drawings(class_name):
+    """The PNG files of an Omniglot class ("images_evaluation/Tibetan/character10") in the
+    shipped archive, in the order of its training images: [(file name, bytes)]."""
+    part = class_name.split("/")[0]
+    with zipfile.ZipFile(OMNIGLOT / f"{part}.zip") as archive:
+        names = sorted(name for name in archive.namelist()
+                       if name.startswith(f"{class_name}/") and name.endswith(".png"))
+        return [(pathlib.Path(name).name, archive.read(name)) for name in names]
+
+
+def write_file(path, contents):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(contents)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def episode(trained, tmp_path_factory):
-    """A 3-way 1-shot episode of unseen (test split) Omniglot characters, 7 queries."""
+    """A 3-way 1-shot episode of unseen (test split) Omniglot characters, 7 queries.
+
+    Beside the training arrays, in its folder: the same drawings as the
+    archive's PNG files, laid out for `main.py --mode=adapt` (support/class<label>/,
+    query/ in episode order), their paths in files.json, and each input of both
+    adapt signatures as an .npy file for `saved_model_cli run`.
+    """
     test_images = trained.splits["test"]
-    support, queries = [], []
+    folder = tmp_path_factory.mktemp("episode")
+    support, queries, files = [], [], {"support": [], "query": []}
     for label, count in zip(range(WAY), (3, 2, 2)):
         images = test_images.images_of(label)
         support.append(images[0])
         queries += list(images[1:1 + count])
+        (name, png), *query_pngs = drawings(test_images.class_names[label])[:1 + count]
+        files["support"].append(write_file(folder / "support" / f"class{label}" / name, png))
+        for name, png in query_pngs:
+            files["query"].append(
+                write_file(folder / "query" / f"{len(files['query']):02d}_{name}", png))
     episode = {"support_images": np.stack(support).astype(np.float32),
                "support_labels": np.arange(WAY, dtype=np.int32),
                "query_images": np.stack(queries).astype(np.float32)}
-    path = tmp_path_factory.mktemp("episode") / "episode.npz"
-    np.savez(path, **episode)
-    return episode, path
+    np.savez(folder / "episode.npz", **episode)
+    (folder / "files.json").write_text(json.dumps(files))
+    for name, array in episode.items():
+        np.save(folder / f"{name}.npy", array)
+    for kind, paths in files.items():
+        contents = np.array([pathlib.Path(path).read_bytes() for path in paths], dtype=object)
+        np.save(folder / f"{kind}_image_bytes.npy", contents, allow_pickle=True)
+    return episode, folder
 
 
-def load_elsewhere(export_dir, episode_file, out_dir):
-    """The LOADER in a fresh Python, run from a folder outside the repository."""
+def load_elsewhere(export_dir, episode_dir, out_dir):
+    """The LOADER in a fresh Python, run from a folder outside the repository.
+
+    Returns:
+      (arrays, report, what it wrote to standard error).
+    """
     script = out_dir / "load_export.py"
     script.write_text(LOADER)
     env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
-    completed = run([sys.executable, str(script), str(export_dir), str(episode_file),
+    completed = run([sys.executable, str(script), str(export_dir), str(episode_dir),
                      str(out_dir)], cwd=out_dir, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return (dict(np.load(out_dir / "outputs.npz")),
-            json.loads((out_dir / "report.json").read_text()))
+            json.loads((out_dir / "report.json").read_text()), completed.stderr)
+
+
+def saved_model_cli_run(cli, export_dir, signature, inputs, episode_dir, out_dir):
+    """`saved_model_cli run` of `signature` on the episode's .npy files: {output: array}.
+
+    It loads the SavedModel with TensorFlow 1's loader, in a session, as
+    TensorFlow Serving does.
+    """
+    completed = run([cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
+                     "--signature_def", signature, "--outdir", str(out_dir), "--inputs",
+                     ";".join(f"{name}={episode_dir / name}.npy" for name in inputs)])
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return {path.stem: np.load(path) for path in out_dir.glob("*.npy")}
 
 
 def export_twice_through_main(run_dir, export_dir):
@@ -161,22 +243,30 @@ def subprocesses(trained, episode, tmp_path_factory):
     export_dir = trained.run_dir.path / "export"
     work = tmp_path_factory.mktemp("outside")
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=3)
+    episode_dir = episode[1]
     futures = {
-        "loaded": pool.submit(load_elsewhere, export_dir, episode[1], work),
+        "loaded": pool.submit(load_elsewhere, export_dir, episode_dir, work),
         "main_export": pool.submit(export_twice_through_main, trained.run_dir.path,
                                    work / "exported_by_main"),
+        "main_adapt": pool.submit(main_py, "--mode=adapt", f"--export_dir={export_dir}",
+                                  f"--support_dir={episode_dir / 'support'}",
+                                  f"--query_dir={episode_dir / 'query'}"),
     }
     cli = shutil.which("saved_model_cli")
     if cli:
         futures["saved_model_cli"] = pool.submit(
             run, [cli, "show", "--dir", str(export_dir), "--all"])
+        for signature, inputs in SIGNATURE_INPUTS.items():
+            futures[signature] = pool.submit(saved_model_cli_run, cli, export_dir, signature,
+                                             inputs, episode_dir, work / signature)
     yield futures
     pool.shutdown(wait=True)
 
 
 @pytest.fixture(scope="module")
 def loaded(subprocesses):
-    return subprocesses["loaded"].result(timeout=600)
+    """(arrays, report) of the LOADER."""
+    return subprocesses["loaded"].result(timeout=600)[:2]
 
 
 def in_process(adapting_model, episode, num_queries):
@@ -204,6 +294,105 @@ def test_loaded_model_adapts_as_the_in_process_model(loaded, adapting_model, epi
     np.testing.assert_allclose(arrays[f"probabilities_{num_queries}"],
                                expected["probabilities"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(arrays[f"probabilities_{num_queries}"].sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("signature", ["adapt_and_predict", "adapt_and_predict_files"])
+def test_tensorflow_1s_loader_answers_as_the_loaded_model(subprocesses, loaded, signature):
+    """`saved_model_cli run` loads as TensorFlow Serving does: in a session, by the
+    variables' names, which a SavedModel of Keras 3 variables saved from a
+    tf.Module did not have."""
+    outputs = subprocesses[signature].result(timeout=600)
+    expected = loaded[0]["probabilities_7" if signature == "adapt_and_predict"
+                         else "files_probabilities"]
+    np.testing.assert_allclose(outputs["probabilities"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_prints_nothing(subprocesses):
+    """Loading and adapting print no "unsaved custom gradients" warning per function,
+    nor anything else but TensorFlow's start-up notes: the export holds no custom
+    gradient."""
+    stderr = subprocesses["loaded"].result(timeout=600)[2]
+    assert ERROR_CASES in stderr
+    stderr = stderr[:stderr.index(ERROR_CASES)]
+    assert "custom gradients" not in stderr
+    assert [line for line in stderr.splitlines() if not START_UP_NOTES.search(line)] == []
+
+
+def test_the_file_signature_answers_as_the_training_images_do(loaded):
+    """The archive's PNG files through adapt_and_predict_files, and the arrays training
+    decoded from them through adapt_and_predict."""
+    arrays, _ = loaded
+    np.testing.assert_allclose(arrays["files_probabilities"], arrays["probabilities_7"],
+                               rtol=0, atol=1e-6)
+
+
+def test_decode_image_is_omniglots_decoding(episode):
+    episode, folder = episode
+    files = json.loads((folder / "files.json").read_text())
+    for path, image in zip(files["support"] + files["query"],
+                           np.concatenate([episode["support_images"], episode["query_images"]])):
+        decoded = export.decode_image(pathlib.Path(path).read_bytes(), (28, 28, 1))
+        np.testing.assert_array_equal(decoded.numpy(), image)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_decode_image_rounded_is_the_image_folders_decoding(channels, tmp_path):
+    """RGB PNG and JPEG files, made grayscale or kept RGB, as the decoded-image cache
+    holds them for training (read as value / 255)."""
+    root = write_split_folders(tmp_path / "data", classes=(2, 1, 1), per_class=4,
+                               suffixes=(".png", ".jpg"))
+    files = index_splits(root)["train"]
+    cached = decoded_images.load_split(files, 16, channels,
+                                       decoded_images.cache_dir(root, 16, channels))
+    paths = [path for class_files in files.files for path in class_files]
+    assert len(paths) == len(cached.images) == 8
+    for path, image in zip(paths, cached.images):
+        decoded = export.decode_image(path.read_bytes(), (16, 16, channels),
+                                      rounded_to_uint8=True)
+        np.testing.assert_array_equal(decoded.numpy(), image.astype(np.float32) / 255.0)
+
+
+def test_adapt_mode_prints_the_file_signatures_answers(subprocesses, loaded, episode):
+    completed = subprocesses["main_adapt"].result(timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "custom gradients" not in completed.stderr
+    rows = [line.split("\t") for line in completed.stdout.strip().splitlines()]
+    files = json.loads((episode[1] / "files.json").read_text())
+    assert [name for name, _, _ in rows] == [pathlib.Path(path).name for path in files["query"]]
+    expected = loaded[0]["files_probabilities"]
+    assert [(predicted, probability) for _, predicted, probability in rows] == [
+        (f"class{row.argmax()}", f"{row.max():.3f}") for row in expected]
+
+
+@pytest.mark.parametrize("bn_mode", ["transductive", "support", "task_norm", "running"])
+def test_tensorflow_derivatives_adapt_as_the_closed_forms(bn_mode, episode):
+    """First-order adaptation and its meta-gradient with the kernels' custom gradients
+    and with TensorFlow's (`tensorflow_derivatives`, as exported).
+
+    The meta-gradient is compared to 1e-4: in the support mode it passes through
+    the support statistics, which the fused kernel and plain reductions round
+    differently (each is as close to float64's as the other)."""
+    network = randomised_network(bn_mode)
+    images = episode[0]
+    tasks = {"support_images": images["support_images"][np.newaxis],
+             "support_labels": images["support_labels"][np.newaxis],
+             "target_images": images["query_images"][np.newaxis],
+             "target_labels": np.array([[0, 0, 0, 1, 1, 2, 2]], np.int32)}
+
+    def adapted():
+        with tf.GradientTape() as tape:
+            result = adapt_and_evaluate(network, tasks, INNER_STEPS, second_order=False,
+                                        target_steps=[INNER_STEPS - 1], bn_mode=bn_mode)
+        gradients = tape.gradient(result["target_losses"], network.trainable_variables)
+        return [result["logits"], *result["bn_means"], *result["bn_variances"]], gradients
+
+    adaptation, gradients = adapted()
+    with tensorflow_derivatives():
+        plain_adaptation, plain_gradients = adapted()
+    for expected, actual in zip(adaptation, plain_adaptation, strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+    for expected, actual in zip(gradients, plain_gradients, strict=True):
+        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_adaptation_changes_the_prediction(adapting_model, episode):

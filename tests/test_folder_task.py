@@ -15,6 +15,10 @@ import sys
 import zipfile
 
 import pytest
+import tensorflow as tf
+
+from tf_mamlpp.class_images import DataError
+from tf_mamlpp.folder_task import classify_folders
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "datasets" / "omniglot" / "images_evaluation.zip"
@@ -158,3 +162,14 @@ def test_bad_folders_are_a_one_line_error(commands, case):
     assert error.startswith("error: ")
     for word in commands["expected_words"][case]:
         assert word in error, error
+
+
+def test_an_export_without_the_file_signature_is_refused_naming_the_remedy(folders, tmp_path):
+    """Exports made before adapt_and_predict_files decoded nothing themselves."""
+    module = tf.Module()
+    module.adapt = tf.function(lambda images: {"probabilities": images},
+                               input_signature=[tf.TensorSpec((None,), tf.float32)])
+    tf.saved_model.save(module, str(tmp_path / "old"), signatures={"adapt_and_predict":
+                                                                   module.adapt})
+    with pytest.raises(DataError, match=r"--export_dir .*old: .*--mode=export"):
+        classify_folders(tmp_path / "old", folders["support"], folders["queries"])

@@ -93,6 +93,22 @@ def test_changed_network_is_refused_and_nothing_overwritten(short_run):
     assert {path: path.read_bytes() for path in run_dir.glob("*.json")} == before
 
 
+def test_a_finished_run_run_again_says_so_and_redoes_nothing(short_run):
+    run_dir, _ = short_run
+    def files():  # TensorBoard's writer opens an event file of its own at start
+        return {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")
+                if path.is_file() and "events.out" not in path.name}
+
+    before = files()
+    completed = run_main(*SHORT_RUN, "--experiment=short", logdir=run_dir.parent)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    message = completed.stdout.strip().splitlines()[-1]
+    assert "finished run" in message and "results.json" in message
+    assert "--mode=test" in message and "--fresh" in message
+    assert "Resuming" not in completed.stderr and "test tasks" not in completed.stderr
+    assert files() == before
+
+
 def test_malformed_flag_is_a_one_line_error(tmp_path):
     completed = run_main("--mode=teach", logdir=tmp_path)
     assert completed.returncode == 2

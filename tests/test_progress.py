@@ -85,3 +85,27 @@ def test_on_a_terminal_every_update_redraws_in_place(clock):
     text = stream.getvalue()
     assert text.count("\r") == 6
     assert text.endswith("\n") and text.count("\n") == 1
+
+
+def test_a_resumed_bar_counts_from_where_it_stopped_and_times_only_what_it_ran(clock):
+    stream = io.StringIO()
+    progress = Progress(500, "epoch 3/10", stream=stream, log_every=1000.0, done=59)
+    for _ in range(41):
+        clock.now += 0.5
+        progress.update()
+    progress.close()
+    line = stream.getvalue().splitlines()[-1]
+    assert "100/500" in line
+    assert "0.5 s/it" in line
+    assert "left 0:03:20" in line  # 400 iterations at 0.5 s
+
+
+def test_the_whole_runs_time_left_follows_the_units_after_the_bar(clock):
+    stream = io.StringIO()
+    progress = Progress(10, "epoch 1/3", stream=stream, units_after=20, unit="it")
+    for _ in range(5):
+        clock.now += 2.0
+        progress.update()
+    progress.close()
+    line = stream.getvalue().splitlines()[-1]
+    assert "left 0:00:10 (run 0:00:50)" in line  # 5 + 20 iterations at 2 s

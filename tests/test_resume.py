@@ -369,3 +369,6 @@ def test_progress_off_a_terminal_is_plain_lines(reference, interrupted):
             line.startswith(f"epoch {epoch}/2 ") and "loss=" in line and " left " in line
             for line in lines)] == list(epochs)
         assert any(line.startswith("val tasks (transductive batch norm) 8/8 ") for line in lines)
+        # A resumed epoch counts on from where it stopped, to the epoch's length.
+        assert any(line.startswith(f"epoch 2/2 {ITERS_PER_EPOCH}/{ITERS_PER_EPOCH} ")
+                   for line in lines)

@@ -33,8 +33,14 @@ The one sum left, sum(ddx * dy), is the filter gradient of a 1x1 depthwise
 convolution. tests/test_batch_norm_kernel.py checks all of it against
 TensorFlow's own second derivatives. A third derivative is not provided
 (MAML needs two).
+
+Inside `tensorflow_derivatives()` this kernel and max_pool_kernel.py's are
+built from TensorFlow's ops and registered gradients instead, for graphs that
+must hold no custom gradient: exports (see export.py).
 """
 
+import contextlib
+import contextvars
 import functools
 
 import numpy as np
@@ -44,6 +50,30 @@ import tensorflow as tf
 # reach inside custom gradients; benchmarks/profile_meta_step.py reads them.
 FIRST_DERIVATIVE_SCOPE = "batch_norm_first_derivative"
 SECOND_DERIVATIVE_SCOPE = "batch_norm_second_derivative"
+
+_TENSORFLOW_DERIVATIVES = contextvars.ContextVar("tensorflow_derivatives", default=False)
+
+
+@contextlib.contextmanager
+def tensorflow_derivatives():
+    """Functions traced inside it build both kernels without custom gradients.
+
+    A SavedModel keeps a custom gradient but not the one nested in it (the
+    closed-form second derivatives are nested in the first), so a model
+    exported with them warns on every load, once per function, that a
+    gradient may fail. Serving adapts to first order only and needs neither.
+    It acts when a function is traced, not when it runs.
+    """
+    token = _TENSORFLOW_DERIVATIVES.set(True)
+    try:
+        yield
+    finally:
+        _TENSORFLOW_DERIVATIVES.reset(token)
+
+
+def uses_tensorflow_derivatives():
+    """Whether a kernel built now is to be differentiated by TensorFlow (see above)."""
+    return _TENSORFLOW_DERIVATIVES.get()
 
 
 @tf.autograph.experimental.do_not_convert  # AutoGraph would drop the custom gradients
@@ -62,6 +92,8 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
       statistics reaches the support pass through them. The statistics'
       gradient is first order only (the outer tape takes it).
     """
+    if uses_tensorflow_derivatives():
+        return _differentiated_by_tensorflow(inputs, gamma, beta, epsilon)
 
     @tf.custom_gradient
     def normalise(inputs, gamma, beta):
@@ -97,6 +129,21 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
         return (dx, dg, db), second_derivative
 
     return normalise(inputs, gamma, beta)
+
+
+def _differentiated_by_tensorflow(inputs, gamma, beta, epsilon):
+    """The same normalisation with TensorFlow's derivatives, exact to any order.
+
+    FusedBatchNormV3's registered gradient ignores its statistics outputs, so
+    the statistics are plain reductions.
+    """
+    empty = tf.constant([], tf.float32)
+    outputs = tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
+        is_training=True)[0]
+    x = _to_float32(inputs)
+    mean = tf.reduce_mean(x, axis=[0, 1, 2])
+    return outputs, mean, tf.reduce_mean(tf.square(x - mean), axis=[0, 1, 2])
 
 
 def _positions(x):

@@ -29,6 +29,10 @@ PAPER_DEFAULTS = {
                "data_dir": None},
 }
 
+# How the target pass is normalised (see per_step_batch_norm.py), here where
+# the command line can read the choices before TensorFlow loads.
+BN_MODES = ("transductive", "support", "task_norm", "running")
+
 # Settings that change the network, the task or what an iteration count means,
 # so a checkpoint of one run cannot continue under another. Mixed precision
 # adds the loss scale to the checkpoint and changes the arithmetic of training.

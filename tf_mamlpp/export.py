@@ -1,14 +1,38 @@
-"""A SavedModel that adapts: the learned inner loop as a serving signature.
+"""A SavedModel that adapts: the learned inner loop as serving signatures.
 
 The export carries everything adaptation needs (the initialisation, the
 per-step batch-norm banks, the learned rates and the trained number of
-steps), so `tf.saved_model.load` in a process without this package adapts to
-a new task:
+steps), so `tf.saved_model.load` in a process without this package, or
+TensorFlow Serving, adapts to a new task:
 
     model = tf.saved_model.load(DIR)
     out = model.signatures["adapt_and_predict"](
         support_images=..., support_labels=..., query_images=...)
     out["probabilities"]  # (queries, way)
+
+Signatures (`serving_default` is `adapt_and_predict`):
+- adapt_and_predict: support_images float32 (n, h, w, c), support_labels
+  int32 (n,) in [0, way), query_images float32 (m, h, w, c) ->
+  {"logits", "probabilities"}, each (m, way).
+- adapt_and_predict_files: the same from the contents of image files,
+  support_image_bytes and query_image_bytes string (n,) and (m,), each a
+  whole PNG, JPEG, GIF or BMP file; it prepares them as below.
+- embed: images float32 (n, h, w, c) -> {"features"}, (n, feature size).
+`model.way[0]` and `model.image_shape[0]` hold the number of classes and
+(h, w, c).
+
+Images for the float signatures are prepared as training prepared its own:
+1. decoded to 8-bit RGB (alpha dropped, not blended; a GIF's first frame);
+2. for a one-channel model, made grayscale by tf.image.rgb_to_grayscale
+   (0.2989 R + 0.5870 G + 0.1140 B, back to 8 bits as
+   tf.image.convert_image_dtype does; a grayscale file comes back unchanged);
+3. divided by 255 to [0, 1] and never inverted: white is 1, and Omniglot's
+   strokes are dark on a background of 1;
+4. stretched to (h, w) whatever the aspect ratio, by tf.image.resize with
+   method="area": each pixel the mean of those it covers.
+A model trained on image folders (`rounded_to_uint8`) instead saw step 4
+before step 3 and rounded to 8 bits between them: its training images were
+kept as uint8 (decoded_images.py). Omniglot's were not rounded.
 """
 
 import os
@@ -16,22 +40,45 @@ import pathlib
 import shutil
 import tempfile
 
+import keras
 import tensorflow as tf
 
+from tf_mamlpp.batch_norm_kernel import tensorflow_derivatives
+from tf_mamlpp.decoded_images import decode_resized
 from tf_mamlpp.inner_loop import adapt_and_evaluate
 from tf_mamlpp.per_step_batch_norm import SERVING_MODES
+
+# The first is also `serving_default`, the one TensorFlow Serving needs.
+SIGNATURES = ("adapt_and_predict", "adapt_and_predict_files", "embed")
 
 
 class ExportError(ValueError):
     """The export directory cannot be written without losing something."""
 
 
-class AdaptingModel(tf.Module):
-    """The module behind the SavedModel's signatures.
+def decode_image(contents, image_shape, rounded_to_uint8=False):
+    """One image file's contents as float32 (h, w, c) in [0, 1], prepared as above.
+
+    `rounded_to_uint8` takes decoded_images.py's path, the one image folders
+    were trained through; otherwise Omniglot's (omniglot.py).
+    """
+    height, width, channels = image_shape
+    if rounded_to_uint8:  # image folders' images are square
+        return tf.cast(decode_resized(contents, height, channels), tf.float32) / 255.0
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    if channels == 1:
+        image = tf.image.rgb_to_grayscale(image)
+    image = tf.cast(image, tf.float32) / 255.0
+    return tf.image.resize(image, (height, width), method="area")
+
+
+class AdaptingModel:
+    """The SavedModel's signatures as tf.functions of the same names, for use in-process too.
 
     Args:
       network: a trained `MamlppNetwork`.
       num_steps: inner steps to take on a new task.
+      rounded_to_uint8: see `decode_image`.
 
     The model serves in the non-transductive mode that matches the one the
     network was trained in (`SERVING_MODES`: a transductive model normalises
@@ -39,39 +86,56 @@ class AdaptingModel(tf.Module):
     depends on the other queries.
     """
 
-    def __init__(self, network, num_steps):
-        super().__init__(name="mamlpp")
+    def __init__(self, network, num_steps, rounded_to_uint8=False):
         self.network = network
         self.num_steps = num_steps
+        self.rounded_to_uint8 = rounded_to_uint8
         self.bn_mode = SERVING_MODES[network.bn_mode]
-        height, width, channels = network.image_shape
-        # Read by `main.py --mode=adapt` to prepare images as training did.
-        self.way = tf.Variable(network.way, trainable=False, name="way")
-        self.image_shape = tf.Variable(network.image_shape, trainable=False, name="image_shape")
-        images = tf.TensorSpec((None, height, width, channels), tf.float32)
-        self.adapt_and_predict = tf.function(self._adapt_and_predict, input_signature=[
-            images, tf.TensorSpec((None,), tf.int32), images])
+        images = tf.TensorSpec((None, *network.image_shape), tf.float32)
+        labels = tf.TensorSpec((None,), tf.int32)
+        files = tf.TensorSpec((None,), tf.string)
+        self.adapt_and_predict = tf.function(
+            self._adapt_and_predict, input_signature=[images, labels, images])
+        self.adapt_and_predict_files = tf.function(
+            self._adapt_and_predict_files, input_signature=[files, labels, files])
         self.embed = tf.function(self._embed, input_signature=[images])
 
     def _adapt_and_predict(self, support_images, support_labels, query_images):
         """Adapts to (support_images, support_labels) and classifies query_images.
 
-        Images are float32 in [0, 1], as decoded from their files and resized
-        to the training size; labels are int32 in [0, way).
+        Images are prepared as the module docstring says; labels are in [0, way).
 
         Returns:
           {"logits": (queries, way), "probabilities": (queries, way)}.
         """
+        return self._adapted_predictions(support_images, support_labels, query_images,
+                                         "support_images", "query_images")
+
+    def _adapt_and_predict_files(self, support_image_bytes, support_labels, query_image_bytes):
+        """`_adapt_and_predict` of image files' contents, decoded as training decoded its images."""
+        return self._adapted_predictions(
+            self._decode(support_image_bytes), support_labels, self._decode(query_image_bytes),
+            "support_image_bytes", "query_image_bytes")
+
+    def _decode(self, contents):
+        """(n,) image files' contents -> (n, h, w, c) images."""
+        return tf.map_fn(
+            lambda one: decode_image(one, self.network.image_shape, self.rounded_to_uint8),
+            contents, fn_output_signature=tf.TensorSpec(self.network.image_shape, tf.float32))
+
+    def _adapted_predictions(self, support_images, support_labels, query_images, support_name,
+                             query_name):
+        """The adaptation behind both adapt signatures; the names are their inputs'."""
         support_images = self._check_image_shape(support_images)
         query_images = self._check_image_shape(query_images)
         checks = [
             tf.debugging.assert_positive(
                 tf.size(support_labels), message="the support set is empty"),
             tf.debugging.assert_positive(
-                tf.shape(query_images)[0], message="query_images is empty"),
+                tf.shape(query_images)[0], message=f"{query_name} is empty"),
             tf.debugging.assert_equal(
                 tf.shape(support_images)[0], tf.shape(support_labels)[0],
-                message="support_images and support_labels differ in length"),
+                message=f"{support_name} and support_labels differ in length"),
             tf.debugging.assert_non_negative(
                 support_labels, message="support_labels must be in [0, way)"),
             tf.debugging.assert_less(
@@ -102,11 +166,20 @@ class AdaptingModel(tf.Module):
         return {"features": self.network.running_embed(self._check_image_shape(images))}
 
 
-def export(network, num_steps, export_dir):
+def export(network, num_steps, export_dir, rounded_to_uint8=False):
     """Writes the SavedModel to `export_dir`, which must not exist or be empty.
 
-    The model is written to a temporary folder beside `export_dir` and moved
-    into place, so a failed export leaves nothing half-written.
+    It is written with Keras's ExportArchive: tf.saved_model.save of Keras 3
+    variables held by a tf.Module gives a SavedModel that TensorFlow 1's
+    loader (TensorFlow Serving's, saved_model_cli's) cannot find variables
+    in. Its functions are traced with TensorFlow's derivatives (see
+    batch_norm_kernel.tensorflow_derivatives). The model is written to a
+    temporary folder beside `export_dir` and moved into place, so a failed
+    export leaves nothing half-written.
+
+    Args:
+      rounded_to_uint8: whether the training images were rounded to 8 bits
+        after resizing, as image folders' are (see `decode_image`).
 
     Raises:
       ExportError: `export_dir` exists and holds files.
@@ -116,11 +189,19 @@ def export(network, num_steps, export_dir):
         raise ExportError(f"--export_dir {export_dir} is not empty; choose a new folder "
                           "(an earlier export is never overwritten)")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    module = AdaptingModel(network, num_steps)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=export_dir.parent))
     try:
-        tf.saved_model.save(module, str(staging / "model"), signatures={
-            "adapt_and_predict": module.adapt_and_predict, "embed": module.embed})
+        with tensorflow_derivatives():
+            archive = keras.export.ExportArchive()
+            archive.track(network)
+            model = AdaptingModel(network, num_steps, rounded_to_uint8)
+            for name in SIGNATURES:
+                archive.add_endpoint(name, getattr(model, name))
+            # Read by `main.py --mode=adapt`, and by anyone preparing float images.
+            for name, value in (("way", network.way), ("image_shape", network.image_shape)):
+                archive.add_variable_collection(
+                    name, [tf.Variable(value, trainable=False, name=name)])
+            archive.write_out(str(staging / "model"), verbose=False)
         if export_dir.exists():
             export_dir.rmdir()
         os.replace(staging / "model", export_dir)

@@ -2,7 +2,9 @@
 
 The support folder holds one sub-folder per class (its name is the class's
 name, sorted names give labels 0..N-1); the query folder holds the images to
-classify. Images are decoded and resized exactly as training images were.
+classify. The files go to the export's `adapt_and_predict_files` signature
+unchanged, so they are decoded and resized as training images were, by the
+model itself (see export.py).
 """
 
 import pathlib
@@ -15,22 +17,19 @@ from tf_mamlpp.class_images import DataError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
 
 
-def decode_image_file(path, image_shape):
-    """One image file as float32 (height, width, channels) in [0, 1].
-
-    Resized with 'area', as the training images were.
+def read_image_file(path):
+    """The contents of one image file, checked to decode as the export decodes it.
 
     Raises:
-      DataError: the file is not a readable image, naming it.
+      DataError: the file is not a readable image, naming it (the export's
+        error would name none).
     """
-    height, width, channels = image_shape
     try:
-        image = tf.io.decode_image(pathlib.Path(path).read_bytes(), channels=channels,
-                                   expand_animations=False)
+        contents = pathlib.Path(path).read_bytes()
+        tf.io.decode_image(contents, channels=3, expand_animations=False)
     except (tf.errors.InvalidArgumentError, OSError) as error:
         raise DataError(f"{path}: not a readable image") from error
-    image = tf.cast(image, tf.float32) / 255.0
-    return tf.image.resize(image, (height, width), method="area").numpy()
+    return contents
 
 
 def image_files(folder):
@@ -39,11 +38,11 @@ def image_files(folder):
                   if path.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_support(folder, image_shape, way):
-    """Support images and labels from one sub-folder per class.
+def read_support(folder, way):
+    """Support image files and labels from one sub-folder per class.
 
     Returns:
-      (images (n, h, w, c), labels (n,) int32, class names in label order).
+      (file contents [n], labels (n,) int32, class names in label order).
 
     Raises:
       DataError: the folder is missing, the number of classes is not `way`,
@@ -56,18 +55,18 @@ def read_support(folder, image_shape, way):
     if len(classes) != way:
         raise DataError(f"--support_dir {folder}: {len(classes)} class folders, but the "
                         f"exported model is {way}-way")
-    images, labels = [], []
+    contents, labels = [], []
     for label, class_folder in enumerate(classes):
         files = image_files(class_folder)
         if not files:
             raise DataError(f"{class_folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-        images += [decode_image_file(path, image_shape) for path in files]
+        contents += [read_image_file(path) for path in files]
         labels += [label] * len(files)
-    return np.stack(images), np.array(labels, np.int32), [path.name for path in classes]
+    return contents, np.array(labels, np.int32), [path.name for path in classes]
 
 
-def read_query(folder, image_shape):
-    """Query images and their file names.
+def read_query(folder):
+    """Query image files' contents and paths.
 
     Raises:
       DataError: the folder is missing or holds no image.
@@ -78,7 +77,7 @@ def read_query(folder, image_shape):
     files = image_files(folder)
     if not files:
         raise DataError(f"--query_dir {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return np.stack([decode_image_file(path, image_shape) for path in files]), files
+    return [read_image_file(path) for path in files], files
 
 
 def classify_folders(export_dir, support_dir, query_dir):
@@ -88,12 +87,13 @@ def classify_folders(export_dir, support_dir, query_dir):
       [(query file, predicted class name, probability)].
     """
     model = tf.saved_model.load(str(export_dir))
-    image_shape = tuple(int(d) for d in model.image_shape.numpy())
-    support_images, support_labels, class_names = read_support(
-        support_dir, image_shape, int(model.way.numpy()))
-    query_images, files = read_query(query_dir, image_shape)
-    probabilities = model.signatures["adapt_and_predict"](
-        support_images=tf.constant(support_images), support_labels=tf.constant(support_labels),
-        query_images=tf.constant(query_images))["probabilities"].numpy()
+    if "adapt_and_predict_files" not in model.signatures:
+        raise DataError(f"--export_dir {export_dir}: exported before models decoded image "
+                        "files themselves; export its run again with --mode=export")
+    support, support_labels, class_names = read_support(support_dir, int(model.way[0].numpy()))
+    queries, files = read_query(query_dir)
+    probabilities = model.signatures["adapt_and_predict_files"](
+        support_image_bytes=tf.constant(support), support_labels=tf.constant(support_labels),
+        query_image_bytes=tf.constant(queries))["probabilities"].numpy()
     return [(path, class_names[row.argmax()], float(row.max()))
             for path, row in zip(files, probabilities)]

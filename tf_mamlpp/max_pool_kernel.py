@@ -20,13 +20,16 @@ TensorFlow's:
   is about three times faster than MaxPoolGradGrad.
 
 The slope for negative inputs is 0.01, the reference code's F.leaky_relu
-default. The forward pass is TensorFlow's. tests/test_max_pool_kernel.py checks both derivatives against
-TensorFlow's, ties included. A third derivative is not provided (MAML needs
-two).
+default. The forward pass is TensorFlow's. tests/test_max_pool_kernel.py
+checks both derivatives against TensorFlow's, ties included. A third derivative is not provided (MAML needs
+two). Inside batch_norm_kernel.tensorflow_derivatives() it is the plain ops,
+differentiated by TensorFlow.
 """
 
 import tensorflow as tf
 from tensorflow.python.ops import gen_nn_ops
+
+from tf_mamlpp.batch_norm_kernel import uses_tensorflow_derivatives
 
 WINDOW = [1, 2, 2, 1]  # NHWC: 2x2 windows, stride 2
 NEGATIVE_SLOPE = 0.01
@@ -42,6 +45,8 @@ def leaky_relu_max_pool_2x2(inputs, negative_slope=NEGATIVE_SLOPE):
 
     `negative_slope` 0 is the plain ReLU.
     """
+    if uses_tensorflow_derivatives():
+        return tf.nn.max_pool2d(tf.nn.leaky_relu(inputs, negative_slope), 2, 2, "VALID")
 
     def activation_gradient(gradients, pooled):
         return tf.raw_ops.LeakyReluGrad(gradients=gradients, features=pooled,

@@ -34,12 +34,9 @@ import keras
 import tensorflow as tf
 
 from tf_mamlpp.batch_norm_kernel import batch_norm_training
+from tf_mamlpp.config import BN_MODES as MODES
 
-TRANSDUCTIVE = "transductive"
-SUPPORT = "support"
-TASK_NORM = "task_norm"
-RUNNING = "running"
-MODES = (TRANSDUCTIVE, SUPPORT, TASK_NORM, RUNNING)
+TRANSDUCTIVE, SUPPORT, TASK_NORM, RUNNING = MODES
 # What a model trained in each mode normalises its queries with once
 # deployed: a transductive model is served with the support statistics, so
 # that no answer depends on the other queries.

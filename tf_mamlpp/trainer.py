@@ -44,6 +44,10 @@ class TrainingInterrupted(Exception):
     """Training stopped on request (SIGINT/SIGTERM) after writing a checkpoint."""
 
 
+class RunComplete(Exception):
+    """The run was trained, tested and exported already; nothing is redone."""
+
+
 class Trainer:
     """Owns one run: its directory, data, model, optimizer and checkpoints.
 
@@ -109,12 +113,19 @@ class Trainer:
         Raises:
           TrainingInterrupted: after `request_stop`, once a checkpoint is written.
           NonFiniteLossError: the loss or gradient became NaN or infinite.
+          RunComplete: the run had finished already, tested and exported.
         """
         config = self.config
         self.run_dir.restore_latest(self.checkpoint)
         done = self.iterations_done
         start_epoch = done // config.iters_per_epoch
         history = self.run_dir.read_history(start_epoch)
+        results = self.run_dir.path / "results.json"
+        if (done == config.total_iterations and len(history) == config.epochs
+                and results.exists() and (self.run_dir.path / "export").exists()):
+            raise RunComplete(
+                f"{self.run_dir.path} holds a finished run (results in {results}); test it "
+                f"again with --mode=test, or train a new run beside it with --fresh")
         if done:
             logging.info("Resuming at epoch %d, iteration %d.", start_epoch + 1,
                          done % config.iters_per_epoch + 1)
@@ -155,7 +166,9 @@ class Trainer:
             config.second_order, config.da, epoch, config.first_order_epochs)
         self._write_schedule_summaries(self.iterations_done, weights, second_order)
         first = self.iterations_done - epoch * config.iters_per_epoch
-        progress = Progress(config.iters_per_epoch - first, f"epoch {epoch + 1}/{config.epochs}")
+        progress = Progress(config.iters_per_epoch, f"epoch {epoch + 1}/{config.epochs}",
+                            done=first, units_after=(config.epochs - epoch - 1) *
+                            config.iters_per_epoch)
         # An epoch resumed after a stop continues the figures of its first part.
         sums, counted = self.run_dir.read_partial_epoch(self.iterations_done) if first else ({}, 0)
         for iteration in range(first, config.iters_per_epoch):
@@ -245,7 +258,7 @@ class Trainer:
     def evaluate_split(self, split, num_tasks, bn_mode):
         """Accuracy of the current model on the fixed task set of `split`."""
         config = self.config
-        progress = Progress(num_tasks, f"{split} tasks ({bn_mode} batch norm)")
+        progress = Progress(num_tasks, f"{split} tasks ({bn_mode} batch norm)", unit="task")
         result = evaluation.evaluate(
             self.meta_learner, data.evaluation_tasks(config, self.splits[split], split, num_tasks),
             config.eval_inner_steps, bn_mode, progress)
@@ -329,6 +342,8 @@ class Trainer:
         if not best:
             raise ValueError(f"{self.run_dir.path} has no validated checkpoint to export yet")
         self.run_dir.restore_best(self.network, best[0][2])
-        path = export.export(self.network, self.config.eval_inner_steps, export_dir)
+        # Image-folder training images are rounded to 8 bits after resizing; Omniglot's are not.
+        path = export.export(self.network, self.config.eval_inner_steps, export_dir,
+                             rounded_to_uint8=self.config.dataset != "omniglot")
         logging.info("exported the epoch-%d model to %s", best[0][1], path)
         return path

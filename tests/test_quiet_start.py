@@ -1,0 +1,36 @@
+"""Specification of tf_mamlpp.quiet_start: TensorFlow starts without its native notes."""
+
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def stderr_of(script):
+    completed = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stderr
+
+
+def test_tensorflow_starts_without_a_line_on_standard_error():
+    assert stderr_of("""
+        import sys
+        from tf_mamlpp.quiet_start import start_tensorflow
+        tf, gpus = start_tensorflow()
+        tf.zeros(1)
+        print("first line of our own", file=sys.stderr)
+    """) == "first line of our own\n"
+
+
+def test_other_lines_written_meanwhile_are_kept_in_order():
+    assert stderr_of("""
+        import os
+        from tf_mamlpp.quiet_start import native_start_up_notes_hidden
+        with native_start_up_notes_hidden():
+            os.write(2, b"before\\n")
+            os.write(2, b"I0000 00:00:1.0 1 cudart_stub.cc:31] Could not find cuda drivers\\n")
+            os.write(2, b"after\\n")
+    """) == "before\nafter\n"
