@@ -95,9 +95,10 @@ def test_changed_network_is_refused_and_nothing_overwritten(short_run):
 
 def test_a_finished_run_run_again_says_so_and_redoes_nothing(short_run):
     run_dir, _ = short_run
-    def files():  # TensorBoard's writer opens an event file of its own at start
+    def files():  # but TensorBoard's new event file, and config.json, written at every start
         return {path: path.stat().st_mtime_ns for path in run_dir.rglob("*")
-                if path.is_file() and "events.out" not in path.name}
+                if path.is_file() and "events.out" not in path.name
+                and path.name != "config.json"}
 
     before = files()
     completed = run_main(*SHORT_RUN, "--experiment=short", logdir=run_dir.parent)

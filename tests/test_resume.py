@@ -199,7 +199,7 @@ def assert_epoch_1_validated_kept_and_tested(run_dir):
 
 
 def test_stop_during_the_last_iteration_of_an_epoch_still_validates_that_epoch(tmp_path):
-    from tf_mamlpp.trainer import Trainer, TrainingInterrupted
+    from tf_mamlpp.trainer import RunComplete, Trainer, TrainingInterrupted
 
     config = one_epoch_config()
     first = Trainer(config, open_run(tmp_path, config))
@@ -217,9 +217,11 @@ def test_stop_during_the_last_iteration_of_an_epoch_still_validates_that_epoch(t
         first.train()
     except TrainingInterrupted:
         pass  # the command says to run it again
-    second = Trainer(config, open_run(tmp_path, config))
-    second.train()
-    assert_epoch_1_validated_kept_and_tested(second.run_dir)
+    # The stop came in the run's last iteration: the run validated, tested and
+    # exported, and running it again redoes nothing.
+    assert_epoch_1_validated_kept_and_tested(first.run_dir)
+    with pytest.raises(RunComplete):
+        Trainer(config, open_run(tmp_path, config)).train()
 
 
 def test_a_failed_validation_costs_no_training(tmp_path):
