@@ -7,7 +7,7 @@
     python main.py --mode=adapt --export_dir=DIR --support_dir=FOLDER --query_dir=FOLDER
 
 Flags left unset take the paper's setting for the dataset (see
-tf_mamlpp/config.py); the resolved configuration is logged and saved with the run.
+tf_mamlpp/run/config.py); the resolved configuration is logged and saved with the run.
 """
 
 import functools
@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from tf_mamlpp.config import BN_MODES  # noqa: E402
+from tf_mamlpp.core.batch_norm_modes import MODES as BN_MODES  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -118,7 +118,7 @@ flags.DEFINE_bool("fold_tasks", False, "Run a meta-batch's tasks together as gro
                   "convolutions instead of one after another. Default false (slower on CPU; "
                   "see benchmarks/README.md).")
 flags.DEFINE_integer("parallel_tasks", None, "Tasks of a meta-batch adapted at once, with "
-                     "the cores shared out among them (see tf_mamlpp/cpu_threads.py). Default: "
+                     "the cores shared out among them (see tf_mamlpp/run/cpu_threads.py). Default: "
                      "the number of cores on a CPU, 1 on a GPU.")
 flags.DEFINE_bool("mixed_precision", False, "Meta-train in 16 bits (float16 on a GPU, "
                   "bfloat16 on a CPU) with float32 variables and a dynamic loss scale on the "
@@ -136,13 +136,13 @@ CONFIG_FLAGS = ("data_dir", "image_size", "channels", "augment", "split_ratios",
 @functools.cache
 def resolved_config():
     """The flags' configuration; to train, checked against itself and the data's file index."""
-    from tf_mamlpp import config, preflight
+    from tf_mamlpp.run import config, preflight
     resolved = config.resolve(FLAGS.dataset, **{name: FLAGS[name].value for name in CONFIG_FLAGS})
     return preflight.checked(resolved) if FLAGS.mode == "train" else resolved
 
 
 def adapt():
-    from tf_mamlpp.folder_task import classify_folders
+    from tf_mamlpp.run.folder_task import classify_folders
     for name in ("export_dir", "support_dir", "query_dir"):
         if not FLAGS[name].value:
             raise ValueError(f"--mode=adapt needs --{name}")
@@ -153,7 +153,7 @@ def adapt():
 
 def open_run():
     """The run directory and configuration this command works on."""
-    from tf_mamlpp import run_directory
+    from tf_mamlpp.run import run_directory
     config = resolved_config()
     name = FLAGS.experiment or run_directory.experiment_name(config)
     if FLAGS.mode == "train":
@@ -168,7 +168,7 @@ def open_run():
 
 def train(trainer):
     """Trains; SIGINT/SIGTERM stop it after the current iteration with a checkpoint."""
-    from tf_mamlpp.trainer import NonFiniteLossError, RunComplete, TrainingInterrupted
+    from tf_mamlpp.run.trainer import NonFiniteLossError, RunComplete, TrainingInterrupted
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: trainer.request_stop())
     try:
@@ -186,11 +186,13 @@ def train(trainer):
 def run():
     if FLAGS.mode == "train":
         resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
-    from tf_mamlpp.quiet_start import start_tensorflow
+    from tf_mamlpp.run.quiet_start import start_tensorflow
     tf, gpus = start_tensorflow()
-    from tf_mamlpp import cpu_threads, data, mixed_precision
-    from tf_mamlpp.distribution import make_strategy
-    from tf_mamlpp.trainer import Trainer
+    from tf_mamlpp.core import mixed_precision
+    from tf_mamlpp.data import splits
+    from tf_mamlpp.run import cpu_threads
+    from tf_mamlpp.run.distribution import make_strategy
+    from tf_mamlpp.run.trainer import Trainer
 
     if FLAGS.mode == "adapt":
         return adapt()
@@ -206,7 +208,7 @@ def run():
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
     if FLAGS.mode == "train":
-        data.prepare(resolved_config())  # decodes the data: a corrupt file fails before any write
+        splits.prepare(resolved_config())  # decodes the data: a corrupt file fails before any write
     run_dir, config = open_run()
     if not gpus:
         logging.info("No GPU found: running on the CPU.")

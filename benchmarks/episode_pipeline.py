@@ -105,7 +105,7 @@ def decoding_every_task(class_files, image_size, shot):
     cost of the images, not the sampler's exact choice.
     """
     import tensorflow as tf
-    from tf_mamlpp.decoded_images import decode_resized
+    from tf_mamlpp.data.decoded_images import decode_resized
 
     files = tf.ragged.constant([[str(f) for f in fs] for fs in class_files.files])
     num_classes = class_files.num_classes
@@ -128,8 +128,8 @@ def meta_step_seconds(iterations=5):
     import keras
     import numpy as np
     import tensorflow as tf
-    from tf_mamlpp.meta_learner import MetaLearner
-    from tf_mamlpp.network import MamlppNetwork
+    from tf_mamlpp.core.meta_learner import MetaLearner
+    from tf_mamlpp.core.network import MamlppNetwork
 
     network = MamlppNetwork(WAY, (84, 84, 3), 5, filters=48, inner_lr=0.01)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-3), BATCH_SIZE,
@@ -157,21 +157,21 @@ def meta_step_seconds(iterations=5):
 def main(argv):
     del argv
     import tensorflow as tf
-    from tf_mamlpp import config as config_module
-    from tf_mamlpp import data, decoded_images, image_folders
+    from tf_mamlpp.data import decoded_images, image_folders, splits
+    from tf_mamlpp.run import config as config_module
 
     root = pathlib.Path(FLAGS.work_dir) / "data"
     results = {"generate_seconds": generate(root, FLAGS.classes, FLAGS.images_per_class,
                                             FLAGS.source_size)}
     started = time.monotonic()
-    splits = image_folders.index_splits(root)
+    folders = image_folders.index_splits(root)
     results["index_seconds"] = time.monotonic() - started
-    images = sum(int(files.class_counts.sum()) for files in splits.values())
+    images = sum(int(files.class_counts.sum()) for files in folders.values())
     directory = decoded_images.cache_dir(root, 84, 3)
     for stale in directory.glob("*.npy"):
         stale.unlink()
     started = time.monotonic()
-    for files in splits.values():
+    for files in folders.values():
         decoded_images.fill_cache(files, 84, 3, directory)
     results["cache_build_seconds"] = time.monotonic() - started
     print(f"decoded {images} images into the cache in {results['cache_build_seconds']:.1f} s",
@@ -182,13 +182,13 @@ def main(argv):
         config = config_module.resolve("mini_imagenet", data_dir=str(root), way=WAY, shot=shot)
         for variant in FLAGS.variants:
             if variant == "decode_every_task":
-                dataset = decoding_every_task(splits["train"], 84, shot)
+                dataset = decoding_every_task(folders["train"], 84, shot)
             else:
-                train = decoded_images.load_split(splits["train"], 84, 3, directory,
+                train = decoded_images.load_split(folders["train"], 84, 3, directory,
                                                   in_memory=variant == "in_memory")
                 if variant == "mapped_cold":
                     evict(directory.glob("*.npy"))
-                dataset = data.training_tasks(config, train)
+                dataset = splits.training_tasks(config, train)
             tasks = FLAGS.tasks if variant != "decode_every_task" else FLAGS.tasks // 4
             results[f"{shot}shot_{variant}_tasks_per_second"] = tasks_per_second(dataset, tasks)
             print(f"{shot}-shot {variant}: "

@@ -25,7 +25,7 @@ from measurement import cpu_description, peak_gb, run_json_child, time_step
 from random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
                           config_names, random_batch)
 from reference_maml import check_checkout, measure as measure_reference
-from tf_mamlpp.config import BN_MODES
+from tf_mamlpp.core.batch_norm_modes import MODES as BN_MODES
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
@@ -55,10 +55,10 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     import numpy as np
     import tensorflow as tf
     from flops import graph_flops
-    from tf_mamlpp import cpu_threads
-    from tf_mamlpp.meta_learner import MetaLearner
-    from tf_mamlpp.mixed_precision import DynamicLossScale, compute_dtype
-    from tf_mamlpp.network import MamlppNetwork
+    from tf_mamlpp.core.meta_learner import MetaLearner
+    from tf_mamlpp.core.mixed_precision import DynamicLossScale, compute_dtype
+    from tf_mamlpp.core.network import MamlppNetwork
+    from tf_mamlpp.run import cpu_threads
 
     parallel_tasks = cpu_threads.default_parallel_tasks() if variant == "parallel" else 1
     if variant == "parallel":

@@ -54,7 +54,7 @@ def kind_of(op_type):
 
 
 def pass_of(op_name, op_type):
-    from tf_mamlpp import batch_norm_kernel, max_pool_kernel
+    from tf_mamlpp.ops import batch_norm_kernel, max_pool_kernel
     if kind_of(op_type) == GRADIENT_SUMS:  # named after no forward op
         return "sums of a tensor's gradients from its uses"
     for kernel in (batch_norm_kernel, max_pool_kernel):
@@ -88,9 +88,9 @@ def profile(way, shot, second_order, iterations):
     import numpy as np
     import tensorflow as tf
     from random_tasks import BATCH_SIZE, INNER_STEPS, QUERY, random_batch
-    from tf_mamlpp import cpu_threads
-    from tf_mamlpp.meta_learner import MetaLearner
-    from tf_mamlpp.network import MamlppNetwork
+    from tf_mamlpp.core.meta_learner import MetaLearner
+    from tf_mamlpp.core.network import MamlppNetwork
+    from tf_mamlpp.run import cpu_threads
 
     parallel_tasks = cpu_threads.default_parallel_tasks()
     cpu_threads.configure(parallel_tasks)  # as main.py does

@@ -39,20 +39,21 @@ def measure(started):
         last = now
 
     phase("interpreter, absl")
-    from tf_mamlpp.quiet_start import start_tensorflow
+    from tf_mamlpp.run.quiet_start import start_tensorflow
     tf, _ = start_tensorflow()
     phase("TensorFlow start")
-    from tf_mamlpp import config, cpu_threads, data, run_directory
-    from tf_mamlpp.trainer import Trainer
+    from tf_mamlpp.data import splits
+    from tf_mamlpp.run import config, cpu_threads, run_directory
+    from tf_mamlpp.run.trainer import Trainer
     phase("tf_mamlpp modules")
     cpu_threads.configure(cpu_threads.default_parallel_tasks())
     resolved = config.resolve("omniglot", way=FLAGS.way, shot=FLAGS.shot)
-    data.prepare(resolved)
+    splits.prepare(resolved)
     phase("Omniglot cache")
     with tempfile.TemporaryDirectory() as logdir:
         trainer = Trainer(resolved, run_directory.RunDirectory.open(logdir, "run", resolved))
         phase("trainer: splits, network, optimizer")
-        tasks = iter(data.training_tasks(resolved, trainer.splits["train"]))
+        tasks = iter(splits.training_tasks(resolved, trainer.splits["train"]))
         batch = next(tasks)
         phase("first meta-batch")
         weights = tf.constant([1 / resolved.inner_steps] * resolved.inner_steps)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.per_step_batch_norm import TRANSDUCTIVE
+from tf_mamlpp.core.batch_norm_modes import TRANSDUCTIVE
 
 
 @pytest.fixture(scope="session")
@@ -98,8 +98,8 @@ def adapt_by_hand():
 @pytest.fixture(scope="session")
 def second_order_meta_step_ops():
     """The operations of a tiny second-order meta-gradient's traced graph."""
-    from tf_mamlpp.inner_loop import adapt_and_evaluate
-    from tf_mamlpp.network import MamlppNetwork
+    from tf_mamlpp.core.inner_loop import adapt_and_evaluate
+    from tf_mamlpp.core.network import MamlppNetwork
 
     network = MamlppNetwork(2, (8, 8, 1), 1, filters=4, num_stages=2)
     tasks = {"support_images": tf.zeros((1, 2, 8, 8, 1)), "support_labels": tf.constant([[0, 1]]),

@@ -1,4 +1,4 @@
-"""Small image data sets written in each layout that tf_mamlpp.image_folders reads.
+"""Small image data sets written in each layout that tf_mamlpp.data.image_folders reads.
 
 Every class has its own brightness and stripe direction, so its images look
 alike and unlike other classes' (a task can be learnt); every image has noise

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp import batch_norm_kernel
-from tf_mamlpp.batch_norm_kernel import batch_norm_training
+from tf_mamlpp.ops import batch_norm_kernel
+from tf_mamlpp.ops.batch_norm_kernel import batch_norm_training
 
 EPSILON = 1e-3
 
@@ -279,7 +279,7 @@ def test_float16_inputs_give_float16_gradients_close_to_float32():
 
 
 def test_the_second_order_meta_step_uses_the_closed_form(second_order_meta_step_ops):
-    from tf_mamlpp.batch_norm_kernel import SECOND_DERIVATIVE_SCOPE
+    from tf_mamlpp.ops.batch_norm_kernel import SECOND_DERIVATIVE_SCOPE
 
     assert any(SECOND_DERIVATIVE_SCOPE in op.name for op in second_order_meta_step_ops)
     assert not any(op.type == "FusedBatchNormGradGradV3" for op in second_order_meta_step_ops)

@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.config: the resolved configuration of a run."""
+"""Specification of tf_mamlpp.run.config: the resolved configuration of a run."""
 
 import dataclasses
 import json
@@ -6,7 +6,7 @@ import pathlib
 
 import pytest
 
-from tf_mamlpp.config import ExperimentConfig, resolve
+from tf_mamlpp.run.config import ExperimentConfig, resolve
 
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 

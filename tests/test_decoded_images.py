@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.decoded_images and of episodes from its two forms."""
+"""Specification of tf_mamlpp.data.decoded_images and of episodes from its two forms."""
 
 import os
 
@@ -7,12 +7,12 @@ import pytest
 import tensorflow as tf
 
 from synthetic_images import class_image, write_class_folders, write_image, write_split_folders
-from tf_mamlpp import data, decoded_images
-from tf_mamlpp.class_images import ClassImages, DataError
-from tf_mamlpp.config import resolve
-from tf_mamlpp.episodes import EpisodeSpec, episode_dataset
-from tf_mamlpp.image_folders import index_splits
-from tf_mamlpp.mapped_class_images import MappedClassImages
+from tf_mamlpp.data import decoded_images, splits
+from tf_mamlpp.data.class_images import ClassImages, DataError
+from tf_mamlpp.data.episodes import EpisodeSpec, episode_dataset
+from tf_mamlpp.data.image_folders import index_splits
+from tf_mamlpp.data.mapped_class_images import MappedClassImages
+from tf_mamlpp.run.config import resolve
 
 
 @pytest.fixture
@@ -137,6 +137,6 @@ def test_splits_over_the_memory_limit_stay_on_disk(split, limit_gb, form):
     files, _ = split
     config = resolve("folder", data_dir=str(files.source.parent), image_size=16, channels=3,
                      in_memory_limit_gb=limit_gb)
-    splits = data.load_splits(config)
-    assert all(isinstance(images, form) for images in splits.values())
-    assert [images.num_classes for images in splits.values()] == [3, 1, 1]
+    loaded = splits.load_splits(config)
+    assert all(isinstance(images, form) for images in loaded.values())
+    assert [images.num_classes for images in loaded.values()] == [3, 1, 1]

@@ -25,8 +25,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     sys.path.insert(0, "benchmarks")
     from random_tasks import random_batch
-    from tf_mamlpp.meta_learner import MetaLearner
-    from tf_mamlpp.network import MamlppNetwork
+    from tf_mamlpp.core.meta_learner import MetaLearner
+    from tf_mamlpp.core.network import MamlppNetwork
 
     def one_step(strategy):
         keras.utils.set_random_seed(0)

@@ -1,13 +1,13 @@
-"""Specification of tf_mamlpp.episodes."""
+"""Specification of tf_mamlpp.data.episodes."""
 
 import pathlib
 
 import numpy as np
 import pytest
 
-from tf_mamlpp.class_images import from_class_arrays
-from tf_mamlpp.episodes import EpisodeSpec, episode_dataset
-from tf_mamlpp.omniglot import load_omniglot, num_background_classes, split_classes
+from tf_mamlpp.data.class_images import from_class_arrays
+from tf_mamlpp.data.episodes import EpisodeSpec, episode_dataset
+from tf_mamlpp.data.omniglot import load_omniglot, num_background_classes, split_classes
 
 OMNIGLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "datasets" / "omniglot"
 COUNTS = (5, 9, 7, 12, 6, 8, 10)  # images per class, all different

@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.export: a SavedModel that adapts, usable without this package.
+"""Specification of tf_mamlpp.run.export: a SavedModel that adapts, usable without this package.
 
 A tiny run is trained in-process (its training exports the best checkpoint
 to run/export); a separate Python process that never imports tf_mamlpp loads
@@ -25,13 +25,14 @@ import pytest
 import tensorflow as tf
 
 from synthetic_images import write_split_folders
-from tf_mamlpp import config as config_module
-from tf_mamlpp import decoded_images, export
-from tf_mamlpp.batch_norm_kernel import tensorflow_derivatives
-from tf_mamlpp.image_folders import index_splits
-from tf_mamlpp.inner_loop import adapt_and_evaluate
-from tf_mamlpp.run_directory import RunDirectory
-from tf_mamlpp.trainer import Trainer, build_network
+from tf_mamlpp.core.inner_loop import adapt_and_evaluate
+from tf_mamlpp.data import decoded_images
+from tf_mamlpp.data.image_folders import index_splits
+from tf_mamlpp.ops.batch_norm_kernel import tensorflow_derivatives
+from tf_mamlpp.run import config as config_module
+from tf_mamlpp.run import export
+from tf_mamlpp.run.run_directory import RunDirectory
+from tf_mamlpp.run.trainer import Trainer, build_network
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OMNIGLOT = REPO / "datasets" / "omniglot"

@@ -17,8 +17,8 @@ import zipfile
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.class_images import DataError
-from tf_mamlpp.folder_task import classify_folders
+from tf_mamlpp.data.class_images import DataError
+from tf_mamlpp.run.folder_task import classify_folders
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "datasets" / "omniglot" / "images_evaluation.zip"

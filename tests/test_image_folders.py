@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.image_folders, and a short run through main.py on each layout."""
+"""Specification of tf_mamlpp.data.image_folders, and a short run through main.py on each layout."""
 
 import concurrent.futures
 import json
@@ -11,8 +11,8 @@ import pytest
 
 from synthetic_images import (class_image, write_class_folders, write_image, write_split_files,
                               write_split_folders)
-from tf_mamlpp.class_images import DataError
-from tf_mamlpp.image_folders import (detect_channels, image_channels, index_splits,
+from tf_mamlpp.data.class_images import DataError
+from tf_mamlpp.data.image_folders import (detect_channels, image_channels, index_splits,
                                      parse_split_ratios, split_sizes)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

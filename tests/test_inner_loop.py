@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.inner_loop: adaptation and its meta-gradient.
+"""Specification of tf_mamlpp.core.inner_loop: adaptation and its meta-gradient.
 
 The meta-gradient is checked three ways: second order against central finite
 differences of the outer loss (in every batch-norm mode, so the derivative
@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.inner_loop import adapt_and_evaluate, cross_entropy, inner_update, support_states
-from tf_mamlpp.meta_learner import MetaLearner
-from tf_mamlpp.network import MamlppNetwork, grouped_convolution_gradients
-from tf_mamlpp.per_step_batch_norm import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE, Moments
+from tf_mamlpp.core.batch_norm_modes import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.inner_loop import (adapt_and_evaluate, cross_entropy, inner_update,
+                                        support_states)
+from tf_mamlpp.core.meta_learner import MetaLearner
+from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
+from tf_mamlpp.core.per_step_batch_norm import Moments
 
 WAY, IMAGE_SHAPE, STEPS = 2, (4, 4, 1), 2
 FD_EPSILON, FD_RTOL, FD_ATOL = 2e-3, 2e-3, 3e-4

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.max_pool_kernel import (NEGATIVE_SLOPE, SECOND_DERIVATIVE_SCOPE,
+from tf_mamlpp.ops.max_pool_kernel import (NEGATIVE_SLOPE, SECOND_DERIVATIVE_SCOPE,
                                        leaky_relu_max_pool_2x2)
 
 SLOPES = pytest.mark.parametrize("slope", [NEGATIVE_SLOPE, 0.0], ids=["leaky", "relu"])

@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.meta_learner: the MAML++ meta-update and evaluation step.
+"""Specification of tf_mamlpp.core.meta_learner: the MAML++ meta-update and evaluation step.
 
 Each MAML++ technique is checked for its wiring: MSL (the per-step loss
 weights reach the outer loss), DA (the derivative order reaches the inner
@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.inner_loop import adapt_and_evaluate
-from tf_mamlpp.meta_learner import MetaLearner
-from tf_mamlpp.network import MamlppNetwork, grouped_convolution_gradients
-from tf_mamlpp.per_step_batch_norm import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.batch_norm_modes import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.inner_loop import adapt_and_evaluate
+from tf_mamlpp.core.meta_learner import MetaLearner
+from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
 
 WAY, IMAGE_SHAPE, STEPS, TASKS = 2, (4, 4, 1), 2, 2
 STATES = STEPS + 1

@@ -29,15 +29,15 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from tf_mamlpp import config as config_module
-from tf_mamlpp import export
-from tf_mamlpp.inner_loop import adapt_and_evaluate, inner_update
-from tf_mamlpp.meta_learner import MetaLearner
-from tf_mamlpp.mixed_precision import (DynamicLossScale, all_finite, compute_dtype,
+from tf_mamlpp.core.inner_loop import adapt_and_evaluate, inner_update
+from tf_mamlpp.core.meta_learner import MetaLearner
+from tf_mamlpp.run import config as config_module
+from tf_mamlpp.run import export
+from tf_mamlpp.core.mixed_precision import (DynamicLossScale, all_finite, compute_dtype,
                                        cpu_has_bfloat16_units)
-from tf_mamlpp.network import MamlppNetwork, grouped_convolution_gradients
-from tf_mamlpp.run_directory import RunDirectory, RunDirectoryError
-from tf_mamlpp.trainer import NonFiniteLossError, Trainer, build_network
+from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
+from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError
+from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer, build_network
 
 from test_inner_loop import smooth_problem
 
@@ -63,9 +63,9 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from tf_mamlpp.meta_learner import MetaLearner
-    from tf_mamlpp.mixed_precision import DynamicLossScale
-    from tf_mamlpp.network import MamlppNetwork
+    from tf_mamlpp.core.meta_learner import MetaLearner
+    from tf_mamlpp.core.mixed_precision import DynamicLossScale
+    from tf_mamlpp.core.network import MamlppNetwork
 
     rng = np.random.default_rng(0)
     batch = {"support_images": tf.constant(rng.random((2, 2, 8, 8, 1)), tf.float32),

@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.network: the learner's meta-parameters and forward pass.
+"""Specification of tf_mamlpp.core.network: the learner's meta-parameters and forward pass.
 
 The forward pass is checked against a NumPy re-implementation of one task's
 network (3x3 SAME convolution, batch norm in each mode, leaky ReLU with slope
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.network import MamlppNetwork
-from tf_mamlpp.per_step_batch_norm import (MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE,
-                                           Moments)
+from tf_mamlpp.core.batch_norm_modes import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.network import MamlppNetwork
+from tf_mamlpp.core.per_step_batch_norm import Moments
 
 WAY, IMAGE_SHAPE, STEPS, FILTERS, STAGES = 3, (8, 8, 1), 2, 4, 2
 SLOPE = 0.01  # the reference code's F.leaky_relu default

@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.omniglot and tf_mamlpp.class_images."""
+"""Specification of tf_mamlpp.data.omniglot and tf_mamlpp.data.class_images."""
 
 import collections
 import os
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from tf_mamlpp.class_images import ClassImages, DataError, from_class_arrays, read_npz
-from tf_mamlpp.omniglot import (CACHE_NAME, PARTS, load_omniglot, num_background_classes,
+from tf_mamlpp.data.class_images import ClassImages, DataError, from_class_arrays, read_npz
+from tf_mamlpp.data.omniglot import (CACHE_NAME, PARTS, load_omniglot, num_background_classes,
                                 split_classes)
 
 OMNIGLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "datasets" / "omniglot"

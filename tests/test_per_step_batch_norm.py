@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.per_step_batch_norm (MAML++ BNRS and BNWB).
+"""Specification of tf_mamlpp.core.per_step_batch_norm (MAML++ BNRS and BNWB).
 
 Weight state i normalises with bank i of the affine weights, a support batch
 with its own statistics, a target batch as the mode says: by itself
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.per_step_batch_norm import (RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE, Moments,
-                                           PerStepBatchNorm)
+from tf_mamlpp.core.batch_norm_modes import RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.per_step_batch_norm import Moments, PerStepBatchNorm
 
 STEPS, CHANNELS, EPSILON = 3, 4, 1e-3
 

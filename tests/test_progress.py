@@ -1,12 +1,12 @@
-"""Specification of tf_mamlpp.progress: a bar on a terminal, log lines elsewhere."""
+"""Specification of tf_mamlpp.run.progress: a bar on a terminal, log lines elsewhere."""
 
 import io
 import types
 
 import pytest
 
-from tf_mamlpp import progress as progress_module
-from tf_mamlpp.progress import Progress, format_duration
+from tf_mamlpp.run import progress as progress_module
+from tf_mamlpp.run.progress import Progress, format_duration
 
 
 class TtyStringIO(io.StringIO):

@@ -176,7 +176,7 @@ def interrupted(chains):
 # with nothing to test.
 
 def one_epoch_config():
-    from tf_mamlpp import config
+    from tf_mamlpp.run import config
     return config.resolve("omniglot", way=3, shot=1, inner_steps=1, filters=8, batch_size=2,
                           iters_per_epoch=2, epochs=1, val_tasks=4, test_tasks=4,
                           second_order=False)
@@ -185,7 +185,7 @@ def one_epoch_config():
 def open_run(tmp_path, config):
     """The run directory as each process opens it; export is not under test here
     (the trainer leaves an existing export alone), so it is skipped."""
-    from tf_mamlpp.run_directory import RunDirectory
+    from tf_mamlpp.run.run_directory import RunDirectory
     run_dir = RunDirectory.open(tmp_path, "run", config)
     (run_dir.path / "export").mkdir(exist_ok=True)
     return run_dir
@@ -199,7 +199,7 @@ def assert_epoch_1_validated_kept_and_tested(run_dir):
 
 
 def test_stop_during_the_last_iteration_of_an_epoch_still_validates_that_epoch(tmp_path):
-    from tf_mamlpp.trainer import RunComplete, Trainer, TrainingInterrupted
+    from tf_mamlpp.run.trainer import RunComplete, Trainer, TrainingInterrupted
 
     config = one_epoch_config()
     first = Trainer(config, open_run(tmp_path, config))
@@ -226,7 +226,7 @@ def test_stop_during_the_last_iteration_of_an_epoch_still_validates_that_epoch(t
 
 def test_a_failed_validation_costs_no_training(tmp_path):
     """The epoch's checkpoint is written before it is validated; the rerun only validates."""
-    from tf_mamlpp.trainer import Trainer
+    from tf_mamlpp.run.trainer import Trainer
 
     # Task counts that are not multiples of the batch size (2).
     config = dataclasses.replace(one_epoch_config(), val_tasks=5, test_tasks=3)
@@ -252,7 +252,7 @@ class Killed(BaseException):
 
 
 def test_kill_between_the_latest_and_the_best_checkpoint_keeps_that_epoch(tmp_path):
-    from tf_mamlpp.trainer import Trainer
+    from tf_mamlpp.run.trainer import Trainer
 
     config = one_epoch_config()
     first = Trainer(config, open_run(tmp_path, config))

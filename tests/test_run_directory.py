@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.run_directory: a run's files, resumable and never clobbered."""
+"""Specification of tf_mamlpp.run.run_directory: a run's files, resumable and never clobbered."""
 
 import dataclasses
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.config import ExperimentConfig, resolve
-from tf_mamlpp.run_directory import RunDirectory, RunDirectoryError, experiment_name
+from tf_mamlpp.run.config import ExperimentConfig, resolve
+from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError, experiment_name
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.schedules: the epoch-indexed MAML++ schedules.
+"""Specification of tf_mamlpp.core.schedules: the epoch-indexed MAML++ schedules.
 
 Each schedule is checked at named epochs or steps against its closed form
 (Antoniou et al., 2019, section 4: MSL, DA and CA).
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from tf_mamlpp.schedules import (meta_learning_rate, msl_weights, multi_step_loss_active,
+from tf_mamlpp.core.schedules import (meta_learning_rate, msl_weights, multi_step_loss_active,
                                  second_order_active)
 
 STEPS = 5

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.meta_learner import MetaLearner
-from tf_mamlpp.network import MamlppNetwork, grouped_convolution_gradients
+from tf_mamlpp.core.meta_learner import MetaLearner
+from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
 
 
 def random_tasks(num_tasks, way, shot, query, size, seed=0):
@@ -117,7 +117,7 @@ def test_the_xla_compiled_step_gives_the_plain_step(second_order, fold_tasks):
 def test_cpu_threads_share_the_cores_among_parallel_tasks():
     script = textwrap.dedent("""
         import tensorflow as tf
-        from tf_mamlpp import cpu_threads
+        from tf_mamlpp.run import cpu_threads
         cpu_threads.configure(2)
         print(tf.config.threading.get_intra_op_parallelism_threads(),
               tf.config.threading.get_inter_op_parallelism_threads())
@@ -129,6 +129,6 @@ def test_cpu_threads_share_the_cores_among_parallel_tasks():
 
 
 def test_parallel_tasks_below_one_are_refused():
-    from tf_mamlpp import cpu_threads
+    from tf_mamlpp.run import cpu_threads
     with pytest.raises(ValueError, match="--parallel_tasks must be at least 1"):
         cpu_threads.configure(0)

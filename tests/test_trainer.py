@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.trainer: checkpoints, the best-k ensemble test, fail-fast on NaN.
+"""Specification of tf_mamlpp.run.trainer: checkpoints, the best-k ensemble test, fail-fast on NaN.
 
 One tiny run is trained in-process for the module (5 epochs of 2 meta-
 iterations, 3-way 1-shot, 2 inner steps so that every bank has a step axis),
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp import config as config_module
-from tf_mamlpp import data, evaluation
-from tf_mamlpp.run_directory import RunDirectory
-from tf_mamlpp.trainer import NonFiniteLossError, Trainer
+from tf_mamlpp.data import splits
+from tf_mamlpp.run import config as config_module
+from tf_mamlpp.run import evaluation
+from tf_mamlpp.run.run_directory import RunDirectory
+from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 INNER_STEPS = 2
@@ -173,9 +174,9 @@ def test_results_record_each_kept_model_and_the_ensemble(trained):
     assert [model["epoch"] for model in results["models"]] == [epoch for _, epoch, _ in best]
     assert [model["val_accuracy"] for model in results["models"]] == [a for a, _, _ in best]
     assert results["test_tasks"] == 8
-    assert results["test_seed"] == data.stream_seed(trained.trainer.config, "test")
-    assert results["test_seed"] not in (data.stream_seed(trained.trainer.config, "train"),
-                                        data.stream_seed(trained.trainer.config, "val"))
+    assert results["test_seed"] == splits.stream_seed(trained.trainer.config, "test")
+    assert results["test_seed"] not in (splits.stream_seed(trained.trainer.config, "train"),
+                                        splits.stream_seed(trained.trainer.config, "val"))
     assert results["confidence"] == 0.95
     assert results["inner_steps"] == INNER_STEPS
     assert results["bn_mode"] == "transductive"
@@ -190,7 +191,7 @@ def test_ensemble_is_the_mean_of_the_kept_models_probabilities(trained, fresh):
         tf.train.Checkpoint(network=fresh.network).read(
             trained.run_dir.checkpoint_path(prefix)).expect_partial()
         outcome = evaluation.evaluate(
-            fresh.meta_learner, data.evaluation_tasks(config, fresh.splits["test"], "test", 8),
+            fresh.meta_learner, splits.evaluation_tasks(config, fresh.splits["test"], "test", 8),
             INNER_STEPS, "transductive")
         assert outcome["probabilities"].shape == (8, 3, 3)
         np.testing.assert_allclose(outcome["probabilities"].sum(-1), 1.0, rtol=1e-5)

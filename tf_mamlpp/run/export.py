@@ -43,10 +43,10 @@ import tempfile
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.batch_norm_kernel import tensorflow_derivatives
-from tf_mamlpp.decoded_images import decode_resized
-from tf_mamlpp.inner_loop import adapt_and_evaluate
-from tf_mamlpp.per_step_batch_norm import SERVING_MODES
+from tf_mamlpp.core.batch_norm_modes import SERVING_MODES
+from tf_mamlpp.core.inner_loop import adapt_and_evaluate
+from tf_mamlpp.data.decoded_images import decode_resized
+from tf_mamlpp.ops.batch_norm_kernel import tensorflow_derivatives
 
 # The first is also `serving_default`, the one TensorFlow Serving needs.
 SIGNATURES = ("adapt_and_predict", "adapt_and_predict_files", "embed")

@@ -25,8 +25,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_mamlpp.class_images import DataError, from_class_arrays, is_writable
-from tf_mamlpp.mapped_class_images import MappedClassImages
+from tf_mamlpp.data.class_images import DataError, from_class_arrays, is_writable
+from tf_mamlpp.data.mapped_class_images import MappedClassImages
 
 CACHE_FOLDER = ".tf_mamlpp_cache"
 DEFAULT_CACHE_DIR = "~/.cache/tf_mamlpp"

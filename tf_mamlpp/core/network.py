@@ -17,9 +17,9 @@ import functools
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.max_pool_kernel import leaky_relu_max_pool_2x2
-from tf_mamlpp.per_step_batch_norm import (RUNNING, TASK_NORM, TRANSDUCTIVE, PerStepBatchNorm,
-                                           check_mode)
+from tf_mamlpp.core.batch_norm_modes import RUNNING, TASK_NORM, TRANSDUCTIVE, check_mode
+from tf_mamlpp.core.per_step_batch_norm import PerStepBatchNorm
+from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
 
 
 class MamlppNetwork(keras.Model):

@@ -33,25 +33,14 @@ import collections
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.batch_norm_kernel import batch_norm_training
-from tf_mamlpp.config import BN_MODES as MODES
-
-TRANSDUCTIVE, SUPPORT, TASK_NORM, RUNNING = MODES
-# What a model trained in each mode normalises its queries with once
-# deployed: a transductive model is served with the support statistics, so
-# that no answer depends on the other queries.
-SERVING_MODES = {TRANSDUCTIVE: SUPPORT, SUPPORT: SUPPORT, TASK_NORM: TASK_NORM, RUNNING: RUNNING}
+from tf_mamlpp.core.batch_norm_modes import (MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE,
+                                            check_mode)
+from tf_mamlpp.ops.batch_norm_kernel import batch_norm_training
 
 # A support set's per-channel statistics at one weight state, which its
 # target pass is normalised with: mean and biased variance, (tasks*channels,)
 # float32, differentiable; `size` is the number of support images.
 Moments = collections.namedtuple("Moments", ["mean", "variance", "size"])
-
-
-def check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"unknown batch-norm mode {mode!r}; expected one of {', '.join(MODES)}")
-    return mode
 
 
 class PerStepBatchNorm(keras.layers.Layer):

@@ -13,8 +13,8 @@ pure function of the iteration: resuming at iteration i needs only i.
 
 from absl import logging
 
-from tf_mamlpp import decoded_images, image_folders, omniglot
-from tf_mamlpp.episodes import EpisodeSpec, episode_dataset
+from tf_mamlpp.data import decoded_images, image_folders, omniglot
+from tf_mamlpp.data.episodes import EpisodeSpec, episode_dataset
 
 SPLIT_STREAMS = {"train": 0, "val": 1, "test": 2}
 GIB = 2 ** 30

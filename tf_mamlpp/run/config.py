@@ -10,7 +10,8 @@ import json
 import os
 
 # The data shipped with the project, found wherever the command is run from.
-SHIPPED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "datasets")
+SHIPPED_DATA = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "datasets")
 
 # Per-dataset settings of the paper (section 5) and its reference implementation.
 # Mini-ImageNet cannot be shipped (ImageNet's licence): its data_dir is where
@@ -28,10 +29,6 @@ PAPER_DEFAULTS = {
                "inner_steps": 5, "image_size": 84, "channels": None, "augment": False,
                "data_dir": None},
 }
-
-# How the target pass is normalised (see per_step_batch_norm.py), here where
-# the command line can read the choices before TensorFlow loads.
-BN_MODES = ("transductive", "support", "task_norm", "running")
 
 # Settings that change the network, the task or what an iteration count means,
 # so a checkpoint of one run cannot continue under another. Mixed precision

@@ -22,7 +22,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
-from tf_mamlpp.class_images import ClassImages, DataError, ImageCache, from_class_arrays
+from tf_mamlpp.data.class_images import ClassImages, DataError, ImageCache, from_class_arrays
 
 PARTS = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28

@@ -15,7 +15,7 @@ import tempfile
 
 import tensorflow as tf
 
-from tf_mamlpp.config import ExperimentConfig
+from tf_mamlpp.run.config import ExperimentConfig
 
 CONFIG = "config.json"
 HISTORY = "history.json"

@@ -14,11 +14,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tf_mamlpp import data, distribution, evaluation, export, mixed_precision, schedules
-from tf_mamlpp.meta_learner import MetaLearner
-from tf_mamlpp.network import MamlppNetwork
-from tf_mamlpp.per_step_batch_norm import SERVING_MODES
-from tf_mamlpp.progress import Progress
+from tf_mamlpp.core import mixed_precision, schedules
+from tf_mamlpp.core.batch_norm_modes import SERVING_MODES
+from tf_mamlpp.core.meta_learner import MetaLearner
+from tf_mamlpp.core.network import MamlppNetwork
+from tf_mamlpp.data import splits
+from tf_mamlpp.run import distribution, evaluation, export
+from tf_mamlpp.run.progress import Progress
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,7 +71,7 @@ class Trainer:
         distribution.check_batch_size(config.batch_size, self.strategy)
         self.is_chief = distribution.is_chief(self.strategy)
         keras.utils.set_random_seed(config.seed)
-        self.splits = data.load_splits(config)
+        self.splits = splits.load_splits(config)
         with self.strategy.scope():
             self.network = build_network(config)
             self.optimizer = build_optimizer(config)
@@ -134,7 +136,7 @@ class Trainer:
         unvalidated = self.run_dir.read_unvalidated_epoch(done)
         if done and len(history) < start_epoch and unvalidated:
             self._validate_and_save(unvalidated, history)
-        tasks = iter(data.training_tasks(config, self.splits["train"], start_iteration=done))
+        tasks = iter(splits.training_tasks(config, self.splits["train"], start_iteration=done))
         for epoch in range(start_epoch, config.epochs):
             record = self.train_epoch(epoch, tasks)
             if self.is_chief:
@@ -259,9 +261,9 @@ class Trainer:
         """Accuracy of the current model on the fixed task set of `split`."""
         config = self.config
         progress = Progress(num_tasks, f"{split} tasks ({bn_mode} batch norm)", unit="task")
+        tasks = splits.evaluation_tasks(config, self.splits[split], split, num_tasks)
         result = evaluation.evaluate(
-            self.meta_learner, data.evaluation_tasks(config, self.splits[split], split, num_tasks),
-            config.eval_inner_steps, bn_mode, progress)
+            self.meta_learner, tasks, config.eval_inner_steps, bn_mode, progress)
         progress.close()
         return result
 
@@ -318,7 +320,7 @@ class Trainer:
             self._log_test(scores)
         headline, *serving = results.values()
         results = {**headline, "test_tasks": config.test_tasks,
-                   "test_seed": data.stream_seed(config, "test"), "confidence": 0.95,
+                   "test_seed": splits.stream_seed(config, "test"), "confidence": 0.95,
                    "inner_steps": config.eval_inner_steps,
                    **({"serving": serving[0]} if serving else {})}
         self.run_dir.write_json("results.json", results)

@@ -15,10 +15,10 @@ meta-gradient is not finite is skipped; evaluation stays float32.
 
 import tensorflow as tf
 
-from tf_mamlpp.inner_loop import adapt_and_evaluate, support_states
-from tf_mamlpp.mixed_precision import all_finite
-from tf_mamlpp.network import grouped_convolution_gradients
-from tf_mamlpp.per_step_batch_norm import RUNNING
+from tf_mamlpp.core.batch_norm_modes import RUNNING
+from tf_mamlpp.core.inner_loop import adapt_and_evaluate, support_states
+from tf_mamlpp.core.mixed_precision import all_finite
+from tf_mamlpp.core.network import grouped_convolution_gradients
 
 TASK_KEYS = ("support_images", "support_labels", "target_images", "target_labels")
 

@@ -18,8 +18,8 @@ import os
 
 from absl import logging
 
-from tf_mamlpp import image_folders
-from tf_mamlpp.class_images import DataError
+from tf_mamlpp.data import image_folders
+from tf_mamlpp.data.class_images import DataError
 
 # Classes per split as omniglot.split_classes divides the 1623 characters (20
 # drawings each); episodes.episode_dataset checks the loaded data again.

@@ -20,7 +20,7 @@ import pathlib
 
 import numpy as np
 
-from tf_mamlpp.class_images import DataError
+from tf_mamlpp.data.class_images import DataError
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")

@@ -17,7 +17,7 @@ mixed_precision.py).
 
 import tensorflow as tf
 
-from tf_mamlpp.per_step_batch_norm import SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.batch_norm_modes import SUPPORT, TASK_NORM, TRANSDUCTIVE
 
 
 def cross_entropy(labels, logits):

@@ -18,8 +18,8 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from tf_mamlpp.class_images import ClassImages
-from tf_mamlpp.mapped_class_images import MappedClassImages
+from tf_mamlpp.data.class_images import ClassImages
+from tf_mamlpp.data.mapped_class_images import MappedClassImages
 
 _NUM_RANDOM_STREAMS = 3  # classes, images, rotations
 

@@ -1,0 +1,1 @@
+"""Episodes and the data sets they are drawn from."""

@@ -1,0 +1,1 @@
+"""Closed-form derivative kernels that make the second-order meta-gradient fast."""
