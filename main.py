@@ -20,7 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags, logging  # noqa: E402
 
-from tf_mamlpp.core.batch_norm_modes import MODES as BN_MODES  # noqa: E402
+from tf_mamlpp.config_error import ConfigError  # noqa: E402
+from tf_mamlpp.run import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -32,65 +33,7 @@ flags.DEFINE_enum("mode", "train", ["train", "test", "export", "adapt"],
                   "--query_dir. Default train.")
 flags.DEFINE_string("dataset", "omniglot", "Dataset name: omniglot, mini_imagenet, or folder "
                     "(any --data_dir of class folders). Default omniglot.")
-flags.DEFINE_string("data_dir", None, "Folder of the dataset's files. Default: datasets/<dataset> "
-                    "(Omniglot is shipped there, and fetched by tensorflow-datasets without it; "
-                    "mini-ImageNet must be put there); required for --dataset=folder.")
-flags.DEFINE_integer("image_size", None, "Side of the square images the files are resized to. "
-                     "Default: 28 on Omniglot, 84 on mini-ImageNet and folder.")
-flags.DEFINE_integer("channels", None, "1 (grayscale) or 3 (RGB); images are converted to it. "
-                     "Default: 1 on Omniglot, 3 on mini-ImageNet, read from the images for "
-                     "folder.")
-flags.DEFINE_bool("augment", None, "Rotate training classes by multiples of 90 degrees. "
-                  "Default: true on Omniglot, false on mini-ImageNet and folder (as the paper).")
-flags.DEFINE_string("split_ratios", None, "--dataset=folder with no train/val/test: fractions "
-                    "train,val,test of its classes (a fixed shuffle). Default 0.64,0.16,0.2.")
-flags.DEFINE_float("in_memory_limit_gb", 4.0, "Folder data sets whose decoded images take more "
-                   "GiB than this are read from the on-disk cache as episodes need them "
-                   "instead of held in memory. Default 4.")
-flags.DEFINE_enum("omniglot_split", "mamlpp", ["mamlpp", "lake"],
-                  "Class split: mamlpp (1150/50/423 of all 1623 characters, as the paper) or "
-                  "lake (background alphabets for training and validation, evaluation "
-                  "alphabets for test). Default mamlpp.")
-flags.DEFINE_integer("way", 5, "Classes per task (N). Default 5.")
-flags.DEFINE_integer("shot", 1, "Support images per class (K). Default 1.")
-flags.DEFINE_integer("query", None, "Target images per class. Default: 1 on Omniglot.")
-flags.DEFINE_integer("batch_size", None, "Tasks per meta-batch. Default: 8 on Omniglot.")
-flags.DEFINE_integer("filters", None, "Filters of each conv stage. Default: 64 on Omniglot.")
-flags.DEFINE_integer("inner_steps", 5, "Inner-loop steps in training. Default 5.")
-flags.DEFINE_integer("eval_inner_steps", None, "Inner-loop steps at validation and test; steps "
-                     "past --inner_steps reuse the last step's BN banks and rates. "
-                     "Default: --inner_steps.")
-flags.DEFINE_float("inner_lr", None, "Initial inner learning rate (every layer and step). "
-                   "Default: 0.1 on Omniglot.")
-flags.DEFINE_float("meta_lr", 1e-3, "Adam learning rate at the start. Default 1e-3.")
-flags.DEFINE_float("min_meta_lr", 1e-5, "Learning rate that cosine annealing ends at. "
-                   "Default 1e-5.")
-flags.DEFINE_integer("epochs", 100, "Training epochs. Default 100.")
-flags.DEFINE_integer("iters_per_epoch", 500, "Meta-iterations per epoch. Default 500.")
-flags.DEFINE_bool("msl", True, "MSL: multi-step loss, annealed over --msl_epochs. Default true.")
-flags.DEFINE_integer("msl_epochs", 10, "Epochs after which only the last step's loss counts. "
-                     "Default 10.")
-flags.DEFINE_bool("da", True, "DA: derivative-order annealing, first order for "
-                  "--first_order_epochs epochs. Default true.")
-flags.DEFINE_integer("first_order_epochs", 50, "Epochs of first-order training under DA. "
-                     "Default 50.")
-flags.DEFINE_bool("second_order", True, "Use second-order meta-gradients (after the DA epochs); "
-                  "false trains first order throughout. Default true.")
-flags.DEFINE_bool("bnrs", True, "BNRS: per-step batch-norm running statistics. Default true.")
-flags.DEFINE_bool("bnwb", True, "BNWB: per-step batch-norm weights and biases. Default true.")
-flags.DEFINE_bool("lslr", True, "LSLR: learned per-layer, per-step inner learning rates. "
-                  "Default true.")
-flags.DEFINE_bool("ca", True, "CA: cosine annealing of the meta learning rate. Default true.")
-flags.DEFINE_enum("bn_mode", "transductive", BN_MODES,
-                  "Batch norm of the target (query) pass, in meta-training and evaluation "
-                  "alike: transductive (each batch by its own statistics, as the reference "
-                  "code; exported models then normalise queries by the support set's), support "
-                  "(MetaBN: the support set's statistics at the same weights), task_norm "
-                  "(TaskNorm-I: support and per-image moments blended by a learned weight) or "
-                  "running (BNRS: the per-step running banks). Default transductive.")
-flags.DEFINE_integer("val_tasks", 600, "Fixed validation tasks. Default 600.")
-flags.DEFINE_integer("test_tasks", 600, "Fixed test tasks. Default 600.")
-flags.DEFINE_integer("seed", 0, "Seed of the initialisation and the task streams. Default 0.")
+config_flags.define_config_flags()
 flags.DEFINE_string("logdir", "runs", "Parent folder of the runs. Default runs.")
 flags.DEFINE_string("experiment", None, "Run directory name under --logdir. Default: "
                     "<dataset>_<way>way_<shot>shot_seed<seed>.")
@@ -120,24 +63,13 @@ flags.DEFINE_bool("fold_tasks", False, "Run a meta-batch's tasks together as gro
 flags.DEFINE_integer("parallel_tasks", None, "Tasks of a meta-batch adapted at once, with "
                      "the cores shared out among them (see tf_mamlpp/run/cpu_threads.py). Default: "
                      "the number of cores on a CPU, 1 on a GPU.")
-flags.DEFINE_bool("mixed_precision", False, "Meta-train in 16 bits (float16 on a GPU, "
-                  "bfloat16 on a CPU) with float32 variables and a dynamic loss scale on the "
-                  "inner and outer losses; validation, test and the export stay float32. "
-                  "Default false.")
-
-CONFIG_FLAGS = ("data_dir", "image_size", "channels", "augment", "split_ratios",
-                "in_memory_limit_gb", "omniglot_split", "way", "shot", "query", "batch_size",
-                "filters", "inner_steps", "eval_inner_steps", "inner_lr", "meta_lr", "min_meta_lr",
-                "epochs", "iters_per_epoch", "msl", "msl_epochs", "da", "first_order_epochs",
-                "second_order", "bnrs", "bnwb", "lslr", "ca", "bn_mode", "val_tasks",
-                "test_tasks", "seed", "mixed_precision")
 
 
 @functools.cache
 def resolved_config():
     """The flags' configuration; to train, checked against itself and the data's file index."""
     from tf_mamlpp.run import config, preflight
-    resolved = config.resolve(FLAGS.dataset, **{name: FLAGS[name].value for name in CONFIG_FLAGS})
+    resolved = config.resolve(FLAGS.dataset, **config_flags.config_values())
     return preflight.checked(resolved) if FLAGS.mode == "train" else resolved
 
 
@@ -232,10 +164,14 @@ def run():
 
 
 def fail(error):
-    """Ends the command with `error` in one line and exit status 2 (a traceback at -v 1)."""
+    """Ends the command with `error` in one line and exit status 2 (a traceback at -v 1).
+
+    A setting the library names as `way=0` is named as the flag, `--way=0`.
+    """
     if FLAGS.verbosity >= 1:
         traceback.print_exc()
-    print(f"error: {error}", file=sys.stderr)
+    message = error.spelled("--") if isinstance(error, ConfigError) else error
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
 
 

@@ -1,7 +1,7 @@
 """Episodes per second of the image-folder pipeline, against what the meta-step consumes.
 
-    python benchmarks/episode_pipeline.py          # 60,000 84x84 JPEGs, as mini-ImageNet
-    python benchmarks/episode_pipeline.py --classes=20 --meta_step=false    # a quick look
+    python -m benchmarks.episode_pipeline          # 60,000 84x84 JPEGs, as mini-ImageNet
+    python -m benchmarks.episode_pipeline --classes=20 --meta_step=false    # a quick look
 
 Generates a mini-ImageNet-sized data set once (100 classes of 600 84x84 RGB
 JPEGs in train/, val/, test/ of 64/16/20 classes; kept in --work_dir for the
@@ -20,12 +20,9 @@ next run), then measures, each in this process:
 import json
 import os
 import pathlib
-import sys
 import time
 
 from absl import app, flags
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("work_dir", "/tmp/tf_mamlpp_episode_benchmark", "Where the generated data "
@@ -144,12 +141,12 @@ def meta_step_seconds(iterations=5):
     weights = tf.constant(np.full(5, 0.2, np.float32))
     started = time.monotonic()
     for _ in range(2):
-        float(learner.train_step(batch, weights, True, True)["loss"])
+        float(learner.meta_update(batch, weights, True, True)["loss"])
     first_two = time.monotonic() - started
     times = []
     for _ in range(iterations):
         started = time.monotonic()
-        float(learner.train_step(batch, weights, True, True)["loss"])
+        float(learner.meta_update(batch, weights, True, True)["loss"])
         times.append(time.monotonic() - started)
     return float(np.median(times)), first_two
 

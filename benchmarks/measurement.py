@@ -31,12 +31,16 @@ def cpu_description(cpuinfo=pathlib.Path("/proc/cpuinfo")):
             f"{' '.join(present)}")
 
 
-def run_json_child(command):
-    """Runs `command` (a measurement); returns the JSON of the last line it prints.
+def run_json_child(module, *flags):
+    """Runs `python -m MODULE FLAGS` (a measurement); returns the JSON of the last line it prints.
+
+    `module`: the calling benchmark's `__spec__.name`. The child starts in the
+    parent's directory, from which `benchmarks` was imported.
 
     Raises:
       RuntimeError: the child failed; the end of its stderr is written out first.
     """
+    command = [sys.executable, "-m", module, *flags]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         sys.stderr.write(result.stderr[-4000:])

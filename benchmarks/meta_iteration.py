@@ -1,9 +1,9 @@
 """Seconds per meta-iteration, peak memory and FLOP rate of the MAML++ meta-step.
 
-    python benchmarks/meta_iteration.py                  # the four paper configurations
-    python benchmarks/meta_iteration.py --iterations=20 --variants=fold,loop
-    python benchmarks/meta_iteration.py --reference_dir=PATH   # and the reference, same run
-    python benchmarks/meta_iteration.py --bn_modes=transductive,support,task_norm,running
+    python -m benchmarks.meta_iteration                  # the four paper configurations
+    python -m benchmarks.meta_iteration --iterations=20 --variants=fold,loop
+    python -m benchmarks.meta_iteration --reference_dir=PATH   # and the reference, same run
+    python -m benchmarks.meta_iteration --bn_modes=transductive,support,task_norm,running
 
 Each configuration runs in its own subprocess, so its peak resident memory is
 its own. Random images stand in for Omniglot (28x28x1): the step's cost does
@@ -21,10 +21,10 @@ import sys
 
 from absl import app, flags
 
-from measurement import cpu_description, peak_gb, run_json_child, time_step
-from random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
-                          config_names, random_batch)
-from reference_maml import check_checkout, measure as measure_reference
+from benchmarks.measurement import cpu_description, peak_gb, run_json_child, time_step
+from benchmarks.random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
+                                     config_names, random_batch)
+from benchmarks.reference_maml import check_checkout, measure as measure_reference
 from tf_mamlpp.core.batch_norm_modes import MODES as BN_MODES
 
 FLAGS = flags.FLAGS
@@ -33,7 +33,8 @@ flags.DEFINE_list("variants", ["parallel"], "Task batching to measure: parallel 
                   "default: one task per core at once, single-threaded ops), loop (one task "
                   "after another, TensorFlow's default threads), fold (grouped convolutions). "
                   "Default parallel.")
-flags.DEFINE_list("configs", None, "Names of the configurations to run, with _ for spaces. Default: all.")
+flags.DEFINE_list("configs", None, "Names of the configurations to run, with _ for spaces. "
+                  "Default: all.")
 flags.DEFINE_list("bn_modes", ["transductive"], "Batch-norm modes to measure (main.py's "
                   "--bn_mode): transductive, support, task_norm, running. Default transductive.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false.")
@@ -54,7 +55,7 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     import keras
     import numpy as np
     import tensorflow as tf
-    from flops import graph_flops
+    from benchmarks.flops import graph_flops
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.mixed_precision import DynamicLossScale, compute_dtype
     from tf_mamlpp.core.network import MamlppNetwork
@@ -73,7 +74,7 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     batch = random_batch(way, shot, QUERY, batch_size)
     weights = tf.constant(np.full(inner_steps, 1 / inner_steps, np.float32))
     first_call, seconds = time_step(
-        lambda: float(learner.train_step(batch, weights, second_order, True)["loss"]), iterations)
+        lambda: float(learner.meta_update(batch, weights, second_order, True)["loss"]), iterations)
     # The step is one task's graph run batch_size times (map_fn), or the same
     # arithmetic folded; count one task's graph and scale it.
     one_task = random_batch(way, shot, QUERY, 1)
@@ -86,31 +87,31 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
 
 def run_child(name, variant, inner_steps=INNER_STEPS, batch_size=BATCH_SIZE,
               bn_mode="transductive"):
-    return run_json_child([sys.executable, __file__,
-                           f"--child={name}|{variant}|{inner_steps}|{batch_size}|{bn_mode}",
-                           f"--iterations={FLAGS.iterations}", f"--jit_compile={FLAGS.jit_compile}",
-                           f"--mixed_precision={FLAGS.mixed_precision}"])
+    return run_json_child(__spec__.name,
+                          f"--child={name}|{variant}|{inner_steps}|{batch_size}|{bn_mode}",
+                          f"--iterations={FLAGS.iterations}", f"--jit_compile={FLAGS.jit_compile}",
+                          f"--mixed_precision={FLAGS.mixed_precision}")
 
 
 def reference_figures(name, reference_dir):
     """(seconds per iteration, peak GB) of the reference: measured now, or as quoted."""
     if not reference_dir:
         return QUOTED_REFERENCE[name]
-    figures = run_json_child([sys.executable, __file__, f"--child={name}|reference",
-                              f"--iterations={FLAGS.iterations}",
-                              f"--reference_dir={reference_dir}"])
+    figures = run_json_child(__spec__.name, f"--child={name}|reference",
+                             f"--iterations={FLAGS.iterations}",
+                             f"--reference_dir={reference_dir}")
     return figures["seconds"], figures["peak_gb"]
 
 
 def run_matmul_child():
     """GFLOP/s of a large matmul, measured in a process of its own."""
-    return run_json_child([sys.executable, __file__, "--child=matmul"])
+    return run_json_child(__spec__.name, "--child=matmul")
 
 
 def main(argv):
     del argv
     if FLAGS.child == "matmul":
-        from flops import matmul_flop_rate
+        from benchmarks.flops import matmul_flop_rate
         print(matmul_flop_rate() / 1e9)
         return
     if FLAGS.child:

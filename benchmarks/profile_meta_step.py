@@ -1,6 +1,6 @@
 """Where the time of a meta-iteration goes: op time by kind and by pass.
 
-    python benchmarks/profile_meta_step.py --way=20 --shot=5
+    python -m benchmarks.profile_meta_step --way=20 --shot=5
 
 Profiles a few meta-iterations of main.py's default step (random Omniglot-sized
 images, batch 8, 5 inner steps, multi-step loss) with the TensorFlow profiler
@@ -87,7 +87,7 @@ def profile(way, shot, second_order, iterations):
     import keras
     import numpy as np
     import tensorflow as tf
-    from random_tasks import BATCH_SIZE, INNER_STEPS, QUERY, random_batch
+    from benchmarks.random_tasks import BATCH_SIZE, INNER_STEPS, QUERY, random_batch
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.network import MamlppNetwork
     from tf_mamlpp.run import cpu_threads
@@ -99,7 +99,7 @@ def profile(way, shot, second_order, iterations):
                           parallel_tasks=parallel_tasks)
     batch = random_batch(way, shot, QUERY, BATCH_SIZE)
     weights = tf.constant(np.full(INNER_STEPS, 1 / INNER_STEPS, np.float32))
-    step = lambda: float(learner.train_step(batch, weights, second_order, True)["loss"])
+    step = lambda: float(learner.meta_update(batch, weights, second_order, True)["loss"])
     step(), step()
     trace_dir = tempfile.mkdtemp(prefix="meta_step_profile_")
     tf.profiler.experimental.start(trace_dir)

@@ -1,6 +1,6 @@
 """The paper's PyTorch MAML++ step, timed beside this project's (meta_iteration.py).
 
-    python benchmarks/meta_iteration.py --reference_dir=PATH
+    python -m benchmarks.meta_iteration --reference_dir=PATH
 
 PATH is a checkout of the paper's reference implementation,
 https://github.com/AntreasAntoniou/HowToTrainYourMAMLPytorch (PyTorch; it is
@@ -28,8 +28,8 @@ core). PyTorch is not a dependency of this project: install it to compare.
 import os
 import sys
 
-from measurement import peak_gb, time_step
-from random_tasks import BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY
+from benchmarks.measurement import peak_gb, time_step
+from benchmarks.random_tasks import BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY
 
 # The fields of the reference's Omniglot MAML++ configuration files that its
 # model reads, and its parser's defaults (utils/parser_utils.py) for the rest.

@@ -1,6 +1,6 @@
 """Where the time from the command to the end of the first meta-iteration goes.
 
-    python benchmarks/start_up.py --way=20 --shot=5
+    python -m benchmarks.start_up --way=20 --shot=5
 
 Runs what `python main.py --dataset=omniglot --way=20 --shot=5` runs before
 its first meta-update has finished, in a fresh process, phase by phase:
@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from measurement import cpu_description
+from benchmarks.measurement import cpu_description
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -57,9 +57,9 @@ def measure(started):
         batch = next(tasks)
         phase("first meta-batch")
         weights = tf.constant([1 / resolved.inner_steps] * resolved.inner_steps)
-        float(trainer.meta_learner.train_step(batch, weights, False, True)["loss"])
+        float(trainer.meta_learner.meta_update(batch, weights, False, True)["loss"])
         phase("first meta-step (trace and run)")
-        float(trainer.meta_learner.train_step(next(tasks), weights, False, True)["loss"])
+        float(trainer.meta_learner.meta_update(next(tasks), weights, False, True)["loss"])
         phase("second meta-step (run only)")
     return phases
 
@@ -69,7 +69,7 @@ def main(argv):
     if FLAGS.child is not None:
         print(json.dumps(measure(FLAGS.child)))
         return
-    command = [sys.executable, __file__, f"--way={FLAGS.way}", f"--shot={FLAGS.shot}"]
+    command = [sys.executable, "-m", __spec__.name, f"--way={FLAGS.way}", f"--shot={FLAGS.shot}"]
     result = subprocess.run([*command, f"--child={time.time()}"], capture_output=True, text=True,
                             cwd=REPO)
     if result.returncode != 0:

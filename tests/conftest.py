@@ -1,16 +1,107 @@
 """Shared fixtures: random few-shot task batches, adaptation done by hand, and the
-ops of a traced second-order meta-step.
+ops of a traced second-order meta-step; and the one way tests start processes.
 
-The network's fused batch norm runs in float32 only (FusedBatchNormV3 has no
-float64 kernel, and grouped-convolution gradients have none on CPU), so the
-gradient checks run in float32 with tolerances to match.
+Most checks run the network in float32 on the fast path (the closed-form
+kernels of tf_mamlpp.ops, around FusedBatchNormV3, which has no float64
+kernel), with tolerances to match. The finite-difference checks of the
+meta-gradient run in float64 on the plain path (tf_mamlpp.ops.plain_tensorflow)
+with tolerances float64 justifies, on one task: more are folded into grouped
+convolutions, which TensorFlow differentiates on few CPUs (test_inner_loop.py).
+
+Tests that run main.py, a benchmark or any other program import `run_main`,
+`MainProcess`, `run_python` or `run_command` from here (`from conftest import
+...`): each starts it from the repository as a user would, with a bounded wait.
+Tests that start one are marked `slow`.
 """
+
+import pathlib
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tf_mamlpp.core.batch_norm_modes import TRANSDUCTIVE
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MAIN = REPO / "main.py"
+TIMEOUT = 300  # seconds; any one process or wait, on a loaded 2-core machine
+
+
+def run_command(command, timeout=TIMEOUT, cwd=REPO, **options):
+    """Runs `command` (a list) to its end from the repository, its output captured as text.
+
+    `options` go to subprocess.run (env, check, preexec_fn). Returns the
+    CompletedProcess; raises subprocess.TimeoutExpired after `timeout` seconds.
+    """
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          **options)
+
+
+def run_python(*arguments, **options):
+    """`python ARGUMENTS` (a script, `-c CODE` or `-m MODULE`) through `run_command`."""
+    return run_command([sys.executable, *arguments], **options)
+
+
+def run_main(*flags, **options):
+    """`python main.py FLAGS` as a user runs it, through `run_command`."""
+    return run_python(str(MAIN), *flags, **options)
+
+
+class MainProcess:
+    """`python main.py FLAGS` in the background, its output in files readable while it runs.
+
+    For tests that signal or coordinate running processes; `popen` is its
+    subprocess.Popen.
+    """
+
+    def __init__(self, flags, output, env=None):
+        """`output`: a path prefix; standard output goes to `output`.stdout, errors to .stderr."""
+        self.stdout_path = pathlib.Path(f"{output}.stdout")
+        self.stderr_path = pathlib.Path(f"{output}.stderr")
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            self.popen = subprocess.Popen([sys.executable, str(MAIN), *flags], cwd=REPO, env=env,
+                                          stdout=stdout, stderr=stderr, text=True)
+
+    @property
+    def stdout(self):
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self):
+        return self.stderr_path.read_text()
+
+    def wait_until(self, condition, what):
+        """Polls `condition()` until true; fails if the process exits first or time runs out."""
+        deadline = time.monotonic() + TIMEOUT
+        while not condition():
+            if self.popen.poll() is not None:
+                raise AssertionError(f"main.py exited ({self.popen.returncode}) before {what}:\n"
+                                     f"{self.stderr[-3000:]}")
+            if time.monotonic() > deadline:
+                self.popen.kill()
+                raise AssertionError(f"timed out waiting for {what}")
+            time.sleep(0.02)
+
+    def wait(self, timeout=TIMEOUT):
+        """The exit status; kills the process if it runs past `timeout` seconds."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            raise
+
+
+def slow_tests_selected(request):
+    """Whether a slow test of the requesting fixture's module is selected to run.
+
+    A module that starts its slow tests' processes with itself, to run beside
+    its other tests, starts them only then: `-m "not slow"` starts none.
+    """
+    return any(item.module is request.module and item.get_closest_marker("slow")
+               for item in request.session.items)
 
 
 @pytest.fixture(scope="session")

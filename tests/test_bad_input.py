@@ -13,16 +13,16 @@ import pathlib
 import re
 import resource
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import REPO, run_main
 from synthetic_images import write_class_folders, write_split_folders
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
 OMNIGLOT_ZIP = REPO / "datasets" / "omniglot" / "images_background.zip"
 
 # A network just large enough that its checkpoint (350 kB) outgrows the event
@@ -33,8 +33,9 @@ RUN = ["--filters=32", "--inner_steps=1", "--iters_per_epoch=2", "--epochs=1",
 FILE_SIZE_LIMIT = 200_000
 
 
-def main_command(logdir, *flags):
-    return [sys.executable, str(REPO / "main.py"), f"--logdir={logdir}", *RUN, *flags]
+def run_tiny_main(logdir, *flags, **options):
+    """main.py on `logdir` with RUN's flags, then `flags`; `options` go to run_main."""
+    return run_main(f"--logdir={logdir}", *RUN, *flags, **options)
 
 
 def limit_file_size():
@@ -79,9 +80,8 @@ def data(tmp_path_factory):
 def earlier(tmp_path_factory, data):
     """The logdir of a finished one-epoch run on the good data."""
     logdir = tmp_path_factory.mktemp("runs")
-    completed = subprocess.run(
-        main_command(logdir, "--dataset=folder", f"--data_dir={data['good']}", "--image_size=16"),
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    completed = run_tiny_main(logdir, "--dataset=folder", f"--data_dir={data['good']}",
+                              "--image_size=16")
     assert completed.returncode == 0, completed.stderr[-3000:]
     return logdir
 
@@ -122,7 +122,7 @@ CASES = {
     "split ratios for a split data set": (
         ["--dataset=mini_imagenet", "--data_dir={split}", "--image_size=16",
          "--split_ratios=0.5,0.25,0.25"],
-        ["--split_ratios conflicts with --dataset=mini_imagenet"]),
+        ["--split_ratios=0.5,0.25,0.25 conflicts with --dataset=mini_imagenet"]),
     "log directory that cannot be written": (
         folder("good", "--logdir={file}/runs"), ["{file}/runs/earlier: cannot write the run "
                                                  "directory (Not a directory); check --logdir"]),
@@ -177,13 +177,11 @@ def all_outcomes(tmp_path_factory, data, earlier):
     before = snapshot(earlier)
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         checkpoint_futures = {name: pool.submit(
-            subprocess.run, main_command(copies[name], *[
-                filled(flag, data) for flag in (*folder("good"), *flags)]),
-            cwd=REPO, capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+            run_tiny_main, copies[name], *[
+                filled(flag, data) for flag in (*folder("good"), *flags)], preexec_fn=preexec)
             for name, (_, flags, preexec, _) in CHECKPOINT_CASES.items()}
         futures = {name: pool.submit(
-            subprocess.run, main_command(earlier, *[filled(flag, data) for flag in flags]),
-            cwd=REPO, capture_output=True, text=True, timeout=300)
+            run_tiny_main, earlier, *[filled(flag, data) for flag in flags])
             for name, (flags, _) in CASES.items()}
         completed = {name: future.result() for name, future in futures.items()}
         checkpoint_completed = {name: (copies[name], copied[name], future.result())
@@ -209,7 +207,8 @@ OWN_LOG_LINE = re.compile(r"^[IW]\d{4} [\d:.]+ +\d+ (\w+)\.py:\d+\] ")
 
 def is_own_log_line(line):
     match = OWN_LOG_LINE.match(line)
-    return bool(match) and (match[1] == "main" or (REPO / "tf_mamlpp" / f"{match[1]}.py").exists())
+    return bool(match) and (match[1] == "main"
+                            or any((REPO / "tf_mamlpp").rglob(f"{match[1]}.py")))
 
 
 def assert_one_line_error(completed, fragments, alone=True):
@@ -236,10 +235,8 @@ def test_bad_input_ends_in_one_line_and_leaves_the_earlier_run(outcomes, data, e
 
 
 def test_verbosity_shows_the_traceback(earlier, data):
-    completed = subprocess.run(
-        main_command(earlier, *[filled(flag, data) for flag in folder("good", "--way=7")],
-                     "--verbosity=1"),
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    completed = run_tiny_main(
+        earlier, *[filled(flag, data) for flag in folder("good", "--way=7")], "--verbosity=1")
     assert completed.returncode == 2
     assert "Traceback" in completed.stderr
     assert completed.stderr.strip().splitlines()[-1].startswith("error: --way=7")
@@ -248,8 +245,7 @@ def test_verbosity_shows_the_traceback(earlier, data):
 def test_a_missing_flagfile_ends_in_one_line_naming_it(tmp_path):
     """absl's message starts with an "ERROR:: " of its own, which the error line drops."""
     flagfile = tmp_path / "missing.flags"
-    completed = subprocess.run(main_command(tmp_path, f"--flagfile={flagfile}"), cwd=REPO,
-                               capture_output=True, text=True, timeout=300)
+    completed = run_tiny_main(tmp_path, f"--flagfile={flagfile}")
     assert_one_line_error(completed, ["Unable to open flagfile", str(flagfile)])
     assert "ERROR" not in completed.stderr, completed.stderr
     assert not any(tmp_path.iterdir())

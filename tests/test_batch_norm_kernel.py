@@ -2,15 +2,20 @@
 
 The closed-form second derivative of the outputs, and the first derivative
 of the returned batch mean and biased variance, are checked against
-TensorFlow's autodiff of batch norm written from element-wise ops.
+TensorFlow's autodiff of batch norm written from element-wise ops. The plain
+path (tf_mamlpp.ops.plain_tensorflow) holds no custom gradient, and in
+float64, which the fused kernels lack, is those element-wise ops.
 """
+
+import contextlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.ops import batch_norm_kernel
-from tf_mamlpp.ops.batch_norm_kernel import batch_norm_training
+from tf_mamlpp.ops import batch_norm_kernel, plain_tensorflow
+from tf_mamlpp.ops.batch_norm_kernel import (FIRST_DERIVATIVE_SCOPE, SECOND_DERIVATIVE_SCOPE,
+                                             batch_norm_inference, batch_norm_training)
 
 EPSILON = 1e-3
 
@@ -35,16 +40,17 @@ def first_and_second_derivatives(batch_norm, x, gamma, beta, seed=1, affine_in_o
     whose inner loop adapts no batch-norm weights.
     """
     rng = np.random.default_rng(seed)
-    weights, probe = (tf.constant(rng.normal(size=x.shape), tf.float32) for _ in range(2))
-    channel_probe = tf.constant(rng.normal(size=(2, x.shape[-1])), tf.float32)
+    dtype = gamma.dtype  # the losses', as the network's (float32 for 16-bit inputs)
+    weights, probe = (tf.constant(rng.normal(size=x.shape), dtype) for _ in range(2))
+    channel_probe = tf.constant(rng.normal(size=(2, x.shape[-1])), dtype)
     with tf.GradientTape() as outer:
         outer.watch([x, gamma, beta])
         with tf.GradientTape() as inner:
             inner.watch([x, gamma, beta])
-            outputs = tf.cast(batch_norm(x, gamma, beta), tf.float32)
+            outputs = tf.cast(batch_norm(x, gamma, beta), dtype)
             loss = tf.reduce_sum(tf.square(outputs) * weights + tf.sin(outputs))
         dx, dgamma, dbeta = inner.gradient(loss, [x, gamma, beta])
-        outer_loss = tf.reduce_sum(tf.cast(dx, tf.float32) * probe)
+        outer_loss = tf.reduce_sum(tf.cast(dx, dtype) * probe)
         if affine_in_outer_loss:
             outer_loss += (tf.reduce_sum(dgamma * channel_probe[0])
                            + tf.reduce_sum(dbeta * channel_probe[1]))
@@ -54,8 +60,8 @@ def first_and_second_derivatives(batch_norm, x, gamma, beta, seed=1, affine_in_o
 def random_inputs(shape, dtype=tf.float32, seed=0):
     rng = np.random.default_rng(seed)
     x = tf.constant(rng.normal(size=shape) * 2 + 1, dtype)
-    gamma = tf.constant(rng.normal(size=shape[-1]) + 1, tf.float32)
-    beta = tf.constant(rng.normal(size=shape[-1]), tf.float32)
+    gamma = tf.constant(rng.normal(size=shape[-1]) + 1, dtype)
+    beta = tf.constant(rng.normal(size=shape[-1]), dtype)
     return x, gamma, beta
 
 
@@ -278,8 +284,59 @@ def test_float16_inputs_give_float16_gradients_close_to_float32():
                                    atol=0.02 * np.abs(want).max(), err_msg=name)
 
 
+@pytest.mark.slow
 def test_the_second_order_meta_step_uses_the_closed_form(second_order_meta_step_ops):
     from tf_mamlpp.ops.batch_norm_kernel import SECOND_DERIVATIVE_SCOPE
 
     assert any(SECOND_DERIVATIVE_SCOPE in op.name for op in second_order_meta_step_ops)
     assert not any(op.type == "FusedBatchNormGradGradV3" for op in second_order_meta_step_ops)
+
+
+@pytest.mark.parametrize("dtype, switched", [(tf.float32, True), (tf.float64, True),
+                                             (tf.float64, False)],
+                         ids=["float32 plain path", "float64 plain path", "float64 unswitched"])
+def test_the_plain_path_is_tensorflows_own_derivatives_and_exact_in_float64(dtype, switched):
+    """Under plain_tensorflow() the kernel holds no custom gradient (exports need none):
+    the fused kernels with TensorFlow's registered derivatives, or in float64, which
+    they lack, element-wise ops on either path."""
+    x, gamma, beta = random_inputs((4, 5, 5, 3), dtype)
+    run = tf.function(first_and_second_derivatives)
+    with plain_tensorflow() if switched else contextlib.nullcontext():
+        graph = run.get_concrete_function(kernel_batch_norm, x, gamma, beta).graph
+        actual = run(kernel_batch_norm, x, gamma, beta)
+    names_and_types = [(op.name, op.type) for op in graph.get_operations()]
+    assert not any(FIRST_DERIVATIVE_SCOPE in name or SECOND_DERIVATIVE_SCOPE in name
+                   for name, _ in names_and_types)
+    fused = any(kind.startswith("FusedBatchNorm") for _, kind in names_and_types)
+    assert fused == (dtype == tf.float32)
+    expected = first_and_second_derivatives(composite_batch_norm, x, gamma, beta)
+    # Rounding in another order only: some ulps of the largest term.
+    rtol = 1e-12 if dtype == tf.float64 else 1e-5
+    for name, got, want in zip(NAMES, actual, expected):
+        assert got.dtype == dtype, name
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max(),
+                                   err_msg=name)
+
+
+@pytest.mark.parametrize("switched", [False, True], ids=["fused", "plain path"])
+def test_inference_normalises_with_the_given_statistics(switched):
+    x, gamma, beta = random_inputs((4, 5, 5, 3))
+    rng = np.random.default_rng(4)
+    mean = tf.constant(rng.normal(size=3), tf.float32)
+    variance = tf.constant(rng.uniform(0.5, 2, size=3), tf.float32)
+    with plain_tensorflow() if switched else contextlib.nullcontext():
+        with tf.GradientTape() as tape:
+            tape.watch([x, gamma, beta])
+            outputs = batch_norm_inference(x, mean, variance, gamma, beta, EPSILON)
+            loss = tf.reduce_sum(tf.sin(outputs))
+    gradients = tape.gradient(loss, [x, gamma, beta])
+    scale = (gamma / np.sqrt(variance + EPSILON)).numpy()
+    expected = (x.numpy() - mean.numpy()) * scale + beta.numpy()
+    np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+    d_outputs = np.cos(expected)
+    normalised = (x.numpy() - mean.numpy()) / np.sqrt(variance.numpy() + EPSILON)
+    for name, got, want in zip(["dx", "dgamma", "dbeta"], gradients,
+                               [d_outputs * scale, (d_outputs * normalised).sum((0, 1, 2)),
+                                d_outputs.sum((0, 1, 2))]):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(),
+                                   err_msg=name)

@@ -1,13 +1,9 @@
 """The benchmark's bad flags: a one-line error naming the flag, before anything is measured."""
 
-import importlib.util
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
-SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "meta_iteration.py"
+from benchmarks import measurement
+from conftest import run_python
 
 
 @pytest.mark.parametrize("flag, named", [
@@ -15,9 +11,9 @@ SCRIPT = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "meta_iter
     ("--configs=20-way_1-shot,7-way_3-shot", "--configs: unknown configuration '7-way_3-shot'"),
     ("--bn_modes=support,metabn", "--bn_modes: unknown mode metabn"),
 ])
+@pytest.mark.slow
 def test_a_bad_flag_is_refused_in_one_line(flag, named):
-    result = subprocess.run([sys.executable, str(SCRIPT), flag], capture_output=True, text=True,
-                            timeout=60)
+    result = run_python("-m", "benchmarks.meta_iteration", flag, timeout=60)
     assert result.returncode != 0
     assert result.stdout == ""  # no table begun, no matmul measured
     lines = result.stderr.strip().splitlines()
@@ -26,9 +22,6 @@ def test_a_bad_flag_is_refused_in_one_line(flag, named):
 
 def test_figures_name_their_cpu(tmp_path):
     """Model, usable cores and the flags that decide oneDNN's kernels, as /proc/cpuinfo says."""
-    spec = importlib.util.spec_from_file_location("measurement", SCRIPT.parent / "measurement.py")
-    measurement = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(measurement)
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
                        "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16 avx512_vnni\n")

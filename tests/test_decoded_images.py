@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from synthetic_images import class_image, write_class_folders, write_image, write_split_folders
-from tf_mamlpp.data import decoded_images, splits
+from tf_mamlpp.data import decoded_images, image_decoding, splits
 from tf_mamlpp.data.class_images import ClassImages, DataError
 from tf_mamlpp.data.episodes import EpisodeSpec, episode_dataset
 from tf_mamlpp.data.image_folders import index_splits
@@ -31,20 +31,8 @@ def test_images_are_decoded_resized_and_kept_as_uint8(split):
     assert images.class_names == files.names
     for class_index, class_files in enumerate(files.files):
         for image, path in zip(images.images_of(class_index), class_files):
-            expected = decoded_images.decode_resized(tf.io.read_file(str(path)), 16, 3)
+            expected = image_decoding.decode_resized(tf.io.read_file(str(path)), 16, 3)
             np.testing.assert_array_equal(image, expected.numpy())
-
-
-def test_resizing_averages_and_grayscale_is_the_luminance(tmp_path):
-    image = np.zeros((4, 4, 3), np.uint8)
-    image[:2, :2] = (200, 100, 0)  # one quarter coloured
-    write_image(tmp_path / "image.png", image)
-    resized = decoded_images.decode_resized(tf.io.read_file(str(tmp_path / "image.png")), 2, 3)
-    np.testing.assert_array_equal(resized.numpy()[0, 0], [200, 100, 0])
-    np.testing.assert_array_equal(resized.numpy()[1, 1], [0, 0, 0])
-    gray = decoded_images.decode_resized(tf.io.read_file(str(tmp_path / "image.png")), 1, 1)
-    assert gray.shape == (1, 1, 1)
-    assert abs(int(gray.numpy()[0, 0, 0]) - round((0.2989 * 200 + 0.587 * 100) / 4)) <= 1
 
 
 def test_the_cache_is_reused_and_a_changed_class_alone_is_decoded_again(split, monkeypatch):

@@ -6,16 +6,15 @@ runs in a fresh Python process.
 
 import json
 import os
-import pathlib
 import socket
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import MainProcess, run_python
+
+pytestmark = pytest.mark.slow
 
 MIRRORED_SCRIPT = textwrap.dedent("""
     import json, sys
@@ -23,8 +22,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    sys.path.insert(0, "benchmarks")
-    from random_tasks import random_batch
+    from benchmarks.random_tasks import random_batch
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.network import MamlppNetwork
 
@@ -34,7 +32,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
             network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
             learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 4, strategy=strategy)
         batch = random_batch(3, 1, 2, 4, image_shape=(8, 8, 1))
-        figures = learner.train_step(batch, tf.constant([0.5, 0.5]), True, True)
+        figures = learner.meta_update(batch, tf.constant([0.5, 0.5]), True, True)
         # Keyed by position: a second network's variables get a new name prefix.
         return ({f"{i}:{v.name}": np.asarray(v.numpy()).tolist()
                  for i, v in enumerate(network.variables)},
@@ -46,13 +44,8 @@ MIRRORED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_python(script, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
 def test_mirrored_step_on_two_devices_equals_single_device_step():
-    completed = run_python(MIRRORED_SCRIPT)
+    completed = run_python("-c", MIRRORED_SCRIPT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     (single_vars, single_figures), (mirrored_vars, mirrored_figures) = (
@@ -74,35 +67,34 @@ def free_port():
 
 
 def test_multi_worker_run_trains_checkpoints_from_chief_and_agrees(tmp_path):
+    logdir = tmp_path / "runs"  # beside the workers' output files
+    logdir.mkdir()
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     flags = ["--strategy=multi_worker", "--way=3", "--shot=1", "--inner_steps=1",
              "--filters=8", "--batch_size=4", "--epochs=2", "--iters_per_epoch=3",
              "--val_tasks=8", "--test_tasks=8", "--second_order=false",
-             f"--logdir={tmp_path}", "--experiment=mw"]
+             f"--logdir={logdir}", "--experiment=mw"]
     workers = []
     for index in range(2):
         env = {**os.environ, "TF_CONFIG": json.dumps(
             {"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(
-            [sys.executable, str(REPO / "main.py"), *flags], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs = []
+        workers.append(MainProcess(flags, output=tmp_path / f"worker{index}", env=env))
     try:
         for worker in workers:
-            outputs.append(worker.communicate(timeout=600))
+            worker.wait(timeout=600)
     finally:
         for worker in workers:
-            worker.kill()
-    for worker, (stdout, stderr) in zip(workers, outputs):
-        assert worker.returncode == 0, stderr[-3000:]
-    fingerprints = [line for _, stderr in outputs for line in stderr.splitlines()
+            worker.popen.kill()
+    for worker in workers:
+        assert worker.popen.returncode == 0, worker.stderr[-3000:]
+    fingerprints = [line for worker in workers for line in worker.stderr.splitlines()
                     if "parameter fingerprint" in line]
     assert len(fingerprints) == 2
     assert fingerprints[0].split("parameter fingerprint")[1] == \
         fingerprints[1].split("parameter fingerprint")[1]
-    run_dir = tmp_path / "mw"
+    run_dir = logdir / "mw"
     assert json.loads((run_dir / "results.json").read_text())["test_tasks"] == 8
     # Only the chief wrote: one directory, one set of event files.
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["mw"]
+    assert sorted(path.name for path in logdir.iterdir()) == ["mw"]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1

@@ -169,12 +169,12 @@ def test_a_finite_set_has_exactly_num_tasks_with_the_last_batch_partial(syntheti
 
 
 @pytest.mark.parametrize("way, shot, query, batch_size, flag", [
-    (0, 1, 1, 2, "--way"),
-    (8, 1, 1, 2, "--way"),  # 7 classes
-    (2, 0, 1, 2, "--shot"),
-    (2, 1, -1, 2, "--query"),
-    (2, 3, 3, 2, "--shot"),  # the smallest class has 5 images
-    (2, 1, 1, 0, "--batch_size"),
+    (0, 1, 1, 2, "way=0"),
+    (8, 1, 1, 2, "way=8"),  # 7 classes
+    (2, 0, 1, 2, "shot=0"),
+    (2, 1, -1, 2, "query=-1"),
+    (2, 3, 3, 2, "shot=3 plus query=3"),  # the smallest class has 5 images
+    (2, 1, 1, 0, "tasks_per_batch=0"),
 ])
 def test_impossible_counts_raise_naming_the_flag(synthetic, way, shot, query, batch_size, flag):
     with pytest.raises(ValueError, match=flag) as error:

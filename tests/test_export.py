@@ -15,8 +15,6 @@ import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
 import zipfile
 
@@ -24,17 +22,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import REPO, run_command, run_main, run_python
 from synthetic_images import write_split_folders
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
 from tf_mamlpp.data import decoded_images
 from tf_mamlpp.data.image_folders import index_splits
-from tf_mamlpp.ops.batch_norm_kernel import tensorflow_derivatives
+from tf_mamlpp.ops import plain_tensorflow
 from tf_mamlpp.run import config as config_module
 from tf_mamlpp.run import export
 from tf_mamlpp.run.run_directory import RunDirectory
 from tf_mamlpp.run.trainer import Trainer, build_network
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
 OMNIGLOT = REPO / "datasets" / "omniglot"
 WAY, FILTERS, INNER_STEPS = 3, 8, 2
 QUERY_COUNTS = (3, 7)
@@ -119,14 +119,6 @@ LOADER = textwrap.dedent("""
 """)
 
 
-def run(command, cwd=REPO, env=None):
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def main_py(*flags):
-    return run([sys.executable, str(REPO / "main.py"), *flags])
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A run trained for 4 meta-iterations; its best checkpoint is exported to run/export."""
@@ -208,8 +200,8 @@ def load_elsewhere(export_dir, episode_dir, out_dir):
     script = out_dir / "load_export.py"
     script.write_text(LOADER)
     env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
-    completed = run([sys.executable, str(script), str(export_dir), str(episode_dir),
-                     str(out_dir)], cwd=out_dir, env=env)
+    completed = run_python(str(script), str(export_dir), str(episode_dir), str(out_dir),
+                           cwd=out_dir, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return (dict(np.load(out_dir / "outputs.npz")),
             json.loads((out_dir / "report.json").read_text()), completed.stderr)
@@ -221,9 +213,9 @@ def saved_model_cli_run(cli, export_dir, signature, inputs, episode_dir, out_dir
     It loads the SavedModel with TensorFlow 1's loader, in a session, as
     TensorFlow Serving does.
     """
-    completed = run([cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
-                     "--signature_def", signature, "--outdir", str(out_dir), "--inputs",
-                     ";".join(f"{name}={episode_dir / name}.npy" for name in inputs)])
+    completed = run_command([cli, "run", "--dir", str(export_dir), "--tag_set", "serve",
+                             "--signature_def", signature, "--outdir", str(out_dir), "--inputs",
+                             ";".join(f"{name}={episode_dir / name}.npy" for name in inputs)])
     assert completed.returncode == 0, completed.stderr[-3000:]
     return {path.stem: np.load(path) for path in out_dir.glob("*.npy")}
 
@@ -232,9 +224,9 @@ def export_twice_through_main(run_dir, export_dir):
     """`main.py --mode=export` into a new folder, then again into the same, now full, one."""
     flags = ["--mode=export", f"--logdir={run_dir.parent}", f"--experiment={run_dir.name}",
              f"--export_dir={export_dir}"]
-    first = main_py(*flags)
+    first = run_main(*flags)
     listing = sorted(path.relative_to(export_dir) for path in export_dir.rglob("*"))
-    second = main_py(*flags)
+    second = run_main(*flags)
     return first, listing, second
 
 
@@ -249,14 +241,14 @@ def subprocesses(trained, episode, tmp_path_factory):
         "loaded": pool.submit(load_elsewhere, export_dir, episode_dir, work),
         "main_export": pool.submit(export_twice_through_main, trained.run_dir.path,
                                    work / "exported_by_main"),
-        "main_adapt": pool.submit(main_py, "--mode=adapt", f"--export_dir={export_dir}",
+        "main_adapt": pool.submit(run_main, "--mode=adapt", f"--export_dir={export_dir}",
                                   f"--support_dir={episode_dir / 'support'}",
                                   f"--query_dir={episode_dir / 'query'}"),
     }
     cli = shutil.which("saved_model_cli")
     if cli:
         futures["saved_model_cli"] = pool.submit(
-            run, [cli, "show", "--dir", str(export_dir), "--all"])
+            run_command, [cli, "show", "--dir", str(export_dir), "--all"])
         for signature, inputs in SIGNATURE_INPUTS.items():
             futures[signature] = pool.submit(saved_model_cli_run, cli, export_dir, signature,
                                              inputs, episode_dir, work / signature)
@@ -368,7 +360,7 @@ def test_adapt_mode_prints_the_file_signatures_answers(subprocesses, loaded, epi
 @pytest.mark.parametrize("bn_mode", ["transductive", "support", "task_norm", "running"])
 def test_tensorflow_derivatives_adapt_as_the_closed_forms(bn_mode, episode):
     """First-order adaptation and its meta-gradient with the kernels' custom gradients
-    and with TensorFlow's (`tensorflow_derivatives`, as exported).
+    and with TensorFlow's (`plain_tensorflow`, as exported).
 
     The meta-gradient is compared to 1e-4: in the support mode it passes through
     the support statistics, which the fused kernel and plain reductions round
@@ -388,7 +380,7 @@ def test_tensorflow_derivatives_adapt_as_the_closed_forms(bn_mode, episode):
         return [result["logits"], *result["bn_means"], *result["bn_variances"]], gradients
 
     adaptation, gradients = adapted()
-    with tensorflow_derivatives():
+    with plain_tensorflow():
         plain_adaptation, plain_gradients = adapted()
     for expected, actual in zip(adaptation, plain_adaptation, strict=True):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
@@ -558,9 +550,9 @@ def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, trained, 
         write_images(tmp_path / "support" / f"class{label}", support[label:label + 1])
     write_images(tmp_path / "all", queries)
     write_images(tmp_path / "one", queries[:1])
-    answers = {name: main_py("--mode=adapt", f"--export_dir={export_dir}",
-                             f"--support_dir={tmp_path / 'support'}",
-                             f"--query_dir={tmp_path / name}") for name in ("all", "one")}
+    answers = {name: run_main("--mode=adapt", f"--export_dir={export_dir}",
+                              f"--support_dir={tmp_path / 'support'}",
+                              f"--query_dir={tmp_path / name}") for name in ("all", "one")}
     for completed in answers.values():
         assert completed.returncode == 0, completed.stderr[-2000:]
     first_rows = [completed.stdout.strip().splitlines()[0] for completed in answers.values()]

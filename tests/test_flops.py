@@ -1,12 +1,8 @@
 """The benchmark's FLOP count: convolutions, their gradients and matrix products."""
 
-import pathlib
-import sys
-
 import tensorflow as tf
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-from flops import graph_flops  # noqa: E402  (benchmarks/ is not a package)
+from benchmarks.flops import graph_flops
 
 
 def traced_graph(function, *specs):

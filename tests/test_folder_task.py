@@ -10,17 +10,15 @@ one sub-folder per character named after it. Every case is its own
 import concurrent.futures
 import pathlib
 import shutil
-import subprocess
-import sys
 import zipfile
 
 import pytest
 import tensorflow as tf
 
+from conftest import REPO, run_main
 from tf_mamlpp.data.class_images import DataError
 from tf_mamlpp.run.folder_task import classify_folders
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 ARCHIVE = REPO / "datasets" / "omniglot" / "images_evaluation.zip"
 WAY = 3
 # Three characters of three alphabets of the evaluation archive.
@@ -33,11 +31,6 @@ CHARACTERS = ("Angelic/character01", "Glagolitic/character05", "Tibetan/characte
 TRAIN = ["--way=3", "--shot=1", "--inner_steps=2", "--eval_inner_steps=5", "--filters=8",
          "--batch_size=2", "--iters_per_epoch=12", "--epochs=2", "--val_tasks=4",
          "--test_tasks=4", "--second_order=false", "--experiment=run"]
-
-
-def main_py(*flags):
-    return subprocess.run([sys.executable, str(REPO / "main.py"), *flags], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
 
 
 def class_name(character):
@@ -107,7 +100,7 @@ def commands(folders, tmp_path_factory):
     Returns {"results": name -> CompletedProcess, "expected_words": name -> words}.
     """
     logdir = tmp_path_factory.mktemp("runs")
-    trained = main_py(f"--logdir={logdir}", *TRAIN)
+    trained = run_main(f"--logdir={logdir}", *TRAIN)
     assert trained.returncode == 0, trained.stderr[-3000:]
     export_dir = logdir / "run" / "export"
     errors = error_cases(folders["root"], folders["support"], folders["queries"])
@@ -115,7 +108,7 @@ def commands(folders, tmp_path_factory):
              **{name: (support, queries) for name, (support, queries, _) in errors.items()}}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         futures = {name: pool.submit(
-                       main_py, "--mode=adapt", f"--export_dir={export_dir}",
+                       run_main, "--mode=adapt", f"--export_dir={export_dir}",
                        f"--support_dir={support}", f"--query_dir={queries}")
                    for name, (support, queries) in cases.items()}
         results = {name: future.result() for name, future in futures.items()}
@@ -132,6 +125,7 @@ def parse(stdout):
     return rows
 
 
+@pytest.mark.slow
 def test_one_line_per_query_file_with_a_class_of_the_support(commands, folders):
     completed = commands["results"]["task"]
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -144,6 +138,7 @@ def test_one_line_per_query_file_with_a_class_of_the_support(commands, folders):
         assert probability >= 1 / WAY - 1e-3 and probability <= 1.0
 
 
+@pytest.mark.slow
 def test_the_support_drawings_themselves_get_their_own_class(commands, folders):
     """Adapted on them, the model classifies its support drawings as labelled."""
     rows = parse(commands["results"]["task"].stdout)
@@ -153,6 +148,7 @@ def test_the_support_drawings_themselves_get_their_own_class(commands, folders):
 @pytest.mark.parametrize("case", ["wrong number of classes", "class without images",
                                   "file that is not an image", "missing support folder",
                                   "missing query folder"])
+@pytest.mark.slow
 def test_bad_folders_are_a_one_line_error(commands, case):
     completed = commands["results"][case]
     assert completed.returncode == 2, completed.stdout

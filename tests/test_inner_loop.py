@@ -5,8 +5,10 @@ differences of the outer loss (in every batch-norm mode, so the derivative
 paths through the support statistics into the target pass, and TaskNorm's
 blend, are checked too), first order against the gradient of a stopped
 copy (the adapted weights taken as leaves, learn2learn's check), and the
-learned rates' first-order gradient against its closed form. The network
-runs in float32 (see conftest.py), hence the tolerances.
+learned rates' first-order gradient against its closed form. The finite
+differences run in float64 on the plain path (tf_mamlpp.ops.plain_tensorflow),
+and the fast path's meta-gradients are shown equal to the plain path's in
+float32; the other checks run in float32 on the fast path (see conftest.py).
 """
 
 import keras
@@ -20,9 +22,13 @@ from tf_mamlpp.core.inner_loop import (adapt_and_evaluate, cross_entropy, inner_
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
 from tf_mamlpp.core.per_step_batch_norm import Moments
+from tf_mamlpp.ops import plain_tensorflow
 
 WAY, IMAGE_SHAPE, STEPS = 2, (4, 4, 1), 2
-FD_EPSILON, FD_RTOL, FD_ATOL = 2e-3, 2e-3, 3e-4
+# float64 central differences: the truncation error, epsilon^2 / 6 times a third
+# derivative of order ten here, is about 1e-9, the rounding error, the loss's
+# 1e-16 over epsilon, about 1e-11.
+FD_EPSILON, FD_RTOL, FD_ATOL = 1e-5, 1e-6, 1e-8
 
 
 def tiny_network(num_steps=STEPS, seed=0, **kwargs):
@@ -32,13 +38,12 @@ def tiny_network(num_steps=STEPS, seed=0, **kwargs):
                             num_stages=1, **kwargs)
     rng = np.random.default_rng(seed + 1)
     for norm in network.norms:
-        norm.gamma.assign(rng.uniform(0.5, 1.5, norm.gamma.shape).astype(np.float32))
-        norm.beta.assign(rng.uniform(-0.5, 0.5, norm.beta.shape).astype(np.float32))
-        norm.moving_mean.assign(rng.uniform(-0.2, 0.2, norm.moving_mean.shape).astype(np.float32))
-        norm.moving_variance.assign(
-            rng.uniform(0.5, 1.5, norm.moving_variance.shape).astype(np.float32))
+        norm.gamma.assign(rng.uniform(0.5, 1.5, norm.gamma.shape))
+        norm.beta.assign(rng.uniform(-0.5, 0.5, norm.beta.shape))
+        norm.moving_mean.assign(rng.uniform(-0.2, 0.2, norm.moving_mean.shape))
+        norm.moving_variance.assign(rng.uniform(0.5, 1.5, norm.moving_variance.shape))
     for rates in network.inner_rates.values():
-        rates.assign(rng.uniform(0.05, 0.3, rates.shape).astype(np.float32))
+        rates.assign(rng.uniform(0.05, 0.3, rates.shape))
     for norm in network.norms:
         if norm.task_norm:
             # Away from the initial alpha = sigmoid(0) = 1/2.
@@ -47,8 +52,8 @@ def tiny_network(num_steps=STEPS, seed=0, **kwargs):
     return network
 
 
-def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE):
-    """A network in `bn_mode` and one task near which the outer loss is smooth.
+def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE, dtype="float32"):
+    """A network in `bn_mode` and `dtype`, and one task near which the outer loss is smooth.
 
     Leaky ReLU and max-pool make the support gradient jump where a
     pre-activation crosses zero or a pool's maximum changes hands, so the
@@ -58,14 +63,14 @@ def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE):
     centre tap, so each pool's maximum is clear and positive after batch
     norm, whichever statistics (own, support, blended or running) normalise it.
     """
-    network = tiny_network(seed=seed, bn_mode=bn_mode)
+    network = tiny_network(seed=seed, bn_mode=bn_mode, dtype=dtype)
     rng = np.random.default_rng(seed + 2)
     kernel = rng.uniform(-0.1, 0.1, (3, 3, 1, 2))
     kernel[1, 1] = 1.0
-    network.fast_variables["conv0/kernel"].assign(kernel.astype(np.float32))
+    network.fast_variables["conv0/kernel"].assign(kernel)
     norm = network.norms[0]
-    norm.gamma.assign(rng.uniform(0.8, 1.2, norm.gamma.shape).astype(np.float32))
-    norm.beta.assign(rng.uniform(-0.3, 0.3, norm.beta.shape).astype(np.float32))
+    norm.gamma.assign(rng.uniform(0.8, 1.2, norm.gamma.shape))
+    norm.beta.assign(rng.uniform(-0.3, 0.3, norm.beta.shape))
 
     def split(per_class):
         images = rng.uniform(0, 0.1, (WAY * per_class, *IMAGE_SHAPE))
@@ -75,7 +80,7 @@ def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE):
                     di, dj = rng.integers(0, 2, 2)
                     image[i + di, j + dj, 0] = rng.uniform(0.9, 1.1)
         labels = np.tile(np.arange(WAY, dtype=np.int32), per_class)
-        return tf.constant(images[None], tf.float32), tf.constant(labels[None])
+        return tf.constant(images[None], dtype), tf.constant(labels[None])
 
     support_images, support_labels = split(3)
     target_images, target_labels = split(2)
@@ -153,10 +158,13 @@ def test_second_order_meta_gradient_matches_finite_differences(target_steps, msl
     # variance, exact to first order but wrong to second. Outside the
     # transductive mode it also covers the target pass's dependence on the
     # support pass's statistics (SUPPORT, TASK_NORM) and on the running bank
-    # (RUNNING, no gradient there), and TaskNorm's blend weights.
-    network, tasks = smooth_problem(bn_mode=bn_mode)
-    analytic = meta_gradients(network, tasks, True, target_steps, msl_weights)
-    numeric = finite_differences(network, tasks, target_steps, msl_weights)
+    # (RUNNING, no gradient there), and TaskNorm's blend weights. In float64
+    # on the plain path, where every derivative is TensorFlow's own.
+    network, tasks = smooth_problem(bn_mode=bn_mode, dtype="float64")
+    with plain_tensorflow():
+        analytic = meta_gradients(network, tasks, True, target_steps, msl_weights)
+        numeric = finite_differences(network, tasks, target_steps, msl_weights)
+        first_order = meta_gradients(network, tasks, False, target_steps, msl_weights)
     # Every entry of every meta-parameter: conv and head weights, the three
     # weight states' gamma/beta rows, both steps' rates of each layer and,
     # for TaskNorm, the blend weights.
@@ -168,16 +176,54 @@ def test_second_order_meta_gradient_matches_finite_differences(target_steps, msl
     assert expected <= set(analytic)
     assert norm.gamma.shape[0] == STEPS + 1
     for path in analytic:
+        assert analytic[path].dtype == np.float64, path
         np.testing.assert_allclose(analytic[path], numeric[path], rtol=FD_RTOL, atol=FD_ATOL,
                                    err_msg=path)
     if bn_mode == TASK_NORM:
         # The blend is really checked: its gradient is not within the tolerance of zero.
         for variable in (norm.blend_scale, norm.blend_offset):
             assert abs(analytic[variable.path]) > 2 * FD_ATOL, variable.path
-    # The check can tell the orders apart: the first-order gradient misses.
-    first_order = meta_gradients(network, tasks, False, target_steps, msl_weights)
+    # The check can tell the orders apart: the first-order gradient misses,
+    # by far more than the tolerance.
     worst = max(np.abs(first_order[path] - numeric[path]).max() for path in numeric)
-    assert worst > 10 * FD_ATOL
+    assert worst > 1000 * FD_ATOL
+
+
+@pytest.mark.parametrize("bn_mode", MODES)
+def test_a_float64_network_adapts_in_float64_end_to_end_on_the_plain_path(bn_mode):
+    """No op of the second-order meta-gradient rounds to a narrower float, so the
+    finite-difference check above holds float64's derivatives to float64's tolerance."""
+    network, tasks = smooth_problem(bn_mode=bn_mode, dtype="float64")
+
+    def meta_gradient():
+        with tf.GradientTape() as tape:
+            loss = outer_loss(network, tasks, True, [0, 1], [0.3, 0.7])
+        return tape.gradient(loss, network.trainable_variables)
+
+    with plain_tensorflow():
+        graph = tf.function(meta_gradient).get_concrete_function().graph
+    floats = {output.dtype for op in graph.get_operations() for output in op.outputs
+              if output.dtype.is_floating}
+    assert floats == {tf.float64}
+
+
+@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("second_order", [True, False], ids=["second order", "first order"])
+def test_the_fast_path_gives_the_plain_paths_meta_gradients(tasks, bn_mode, second_order):
+    """The closed-form kernels (tf_mamlpp.ops) change the meta-gradient by float32 rounding only.
+
+    The two paths round in different orders, through batch norm's centring
+    among other cancellations, so each gradient is compared to 1e-4 of the
+    variable's largest entry, about a thousand float32 epsilons.
+    """
+    network = tiny_network(bn_mode=bn_mode)
+    fast = meta_gradients(network, tasks, second_order, [0, 1], [0.3, 0.7])
+    with plain_tensorflow():
+        plain = meta_gradients(network, tasks, second_order, [0, 1], [0.3, 0.7])
+    assert fast.keys() == plain.keys()
+    for path, gradient in plain.items():
+        np.testing.assert_allclose(fast[path], gradient, rtol=1e-4,
+                                   atol=1e-4 * np.abs(gradient).max(), err_msg=path)
 
 
 @pytest.mark.parametrize("bn_mode", MODES)
@@ -428,7 +474,7 @@ def test_tasks_adapted_together_equal_each_adapted_alone(make_tasks, bn_mode):
         # clear message instead.
         with pytest.raises(tf.errors.InvalidArgumentError):
             adapt_and_evaluate(network, pair, STEPS, True, [0, 1], bn_mode)
-        with pytest.raises(ValueError, match="--fold_tasks"):
+        with pytest.raises(ValueError, match="fold_tasks=True"):
             MetaLearner(network, keras.optimizers.Adam(1e-3), global_batch_size=2,
                         fold_tasks=True)
         return

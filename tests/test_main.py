@@ -1,13 +1,12 @@
 """The command line, run as a user runs it: `python main.py ...` in a subprocess."""
 
 import json
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import run_main
+
+pytestmark = pytest.mark.slow
 
 # A short first-order run: 120 meta-iterations of 4 tasks, 2 inner steps.
 # The same command with the meta-learning rate at 1e-9 (no meta-learning,
@@ -17,17 +16,14 @@ SHORT_RUN = ["--dataset=omniglot", "--way=5", "--shot=1", "--epochs=3", "--iters
              "--inner_steps=2", "--second_order=false", "--batch_size=4", "--msl_epochs=1",
              "--val_tasks=64", "--test_tasks=300", "--ensemble_top_k=2"]
 
-
-def run_main(*flags, logdir):
-    return subprocess.run(
-        [sys.executable, str(REPO / "main.py"), f"--logdir={logdir}", *flags],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+SHORT_RUN_TIMEOUT = 900  # seconds
 
 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("runs")
-    completed = run_main(*SHORT_RUN, "--experiment=short", logdir=logdir)
+    completed = run_main(f"--logdir={logdir}", *SHORT_RUN, "--experiment=short",
+                         timeout=SHORT_RUN_TIMEOUT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return logdir / "short", completed
 
@@ -50,13 +46,13 @@ def test_every_batch_norm_mode_learns(mode, short_run, tmp_path):
     if mode == "transductive":
         trained = read_results(short_run[0])
     else:
-        completed = run_main(*SHORT_RUN, f"--bn_mode={mode}", "--experiment=trained",
-                             logdir=tmp_path)
+        completed = run_main(f"--logdir={tmp_path}", *SHORT_RUN, f"--bn_mode={mode}",
+                             "--experiment=trained", timeout=SHORT_RUN_TIMEOUT)
         assert completed.returncode == 0, completed.stderr[-3000:]
         trained = read_results(tmp_path / "trained")
-    completed = run_main(*SHORT_RUN, f"--bn_mode={mode}", "--experiment=untrained",
-                         "--meta_lr=1e-9", "--ca=false", "--epochs=1", "--iters_per_epoch=1",
-                         "--val_tasks=8", logdir=tmp_path)
+    completed = run_main(f"--logdir={tmp_path}", *SHORT_RUN, f"--bn_mode={mode}",
+                         "--experiment=untrained", "--meta_lr=1e-9", "--ca=false", "--epochs=1",
+                         "--iters_per_epoch=1", "--val_tasks=8", timeout=SHORT_RUN_TIMEOUT)
     assert completed.returncode == 0, completed.stderr[-3000:]
     untrained = read_results(tmp_path / "untrained")
     assert trained["bn_mode"] == untrained["bn_mode"] == mode
@@ -85,8 +81,8 @@ def test_run_directory_records_the_run(short_run):
 def test_changed_network_is_refused_and_nothing_overwritten(short_run):
     run_dir, _ = short_run
     before = {path: path.read_bytes() for path in run_dir.glob("*.json")}
-    completed = run_main(*SHORT_RUN, "--experiment=short", "--way=20",
-                         logdir=run_dir.parent)
+    completed = run_main(f"--logdir={run_dir.parent}", *SHORT_RUN, "--experiment=short",
+                         "--way=20", timeout=SHORT_RUN_TIMEOUT)
     assert completed.returncode == 2
     error = completed.stderr.strip().splitlines()[-1]
     assert "--way=20" in error and "Traceback" not in completed.stderr
@@ -101,7 +97,8 @@ def test_a_finished_run_run_again_says_so_and_redoes_nothing(short_run):
                 and path.name != "config.json"}
 
     before = files()
-    completed = run_main(*SHORT_RUN, "--experiment=short", logdir=run_dir.parent)
+    completed = run_main(f"--logdir={run_dir.parent}", *SHORT_RUN, "--experiment=short",
+                         timeout=SHORT_RUN_TIMEOUT)
     assert completed.returncode == 0, completed.stderr[-2000:]
     message = completed.stdout.strip().splitlines()[-1]
     assert "finished run" in message and "results.json" in message
@@ -111,14 +108,14 @@ def test_a_finished_run_run_again_says_so_and_redoes_nothing(short_run):
 
 
 def test_malformed_flag_is_a_one_line_error(tmp_path):
-    completed = run_main("--mode=teach", logdir=tmp_path)
+    completed = run_main(f"--logdir={tmp_path}", "--mode=teach")
     assert completed.returncode == 2
     assert completed.stderr.strip().splitlines() == [
         "error: flag --mode=teach: value should be one of <train|test|export|adapt>"]
 
 
 def test_unknown_dataset_is_a_one_line_error(tmp_path):
-    completed = run_main("--dataset=imagenet21k", logdir=tmp_path)
+    completed = run_main(f"--logdir={tmp_path}", "--dataset=imagenet21k")
     assert completed.returncode == 2
     assert "--dataset" in completed.stderr.strip().splitlines()[-1]
     assert not any(tmp_path.iterdir())

@@ -141,20 +141,21 @@ def test_every_trainable_variable_gets_a_meta_gradient_under_msl(batch, second_o
 
 @pytest.fixture(scope="module")
 def one_step(batch):
-    """One second-order, multi-step train_step, with everything needed to check it."""
+    """One second-order, multi-step meta-update, with everything needed to check it."""
     network = tiny_network()
     learner = meta_learner(network)
     weights = tf.constant(MSL_WEIGHTS)
     reference = per_task_reference(network, batch, [0, 1])
     gradients = task_gradients(learner, batch, True, True)
     before = values(network.variables)
-    measurements = learner.train_step(batch, weights, True, True)
+    measurements = learner.meta_update(batch, weights, True, True)
     return {"network": network, "learner": learner, "reference": reference,
             "gradients": gradients, "before": before, "after": values(network.variables),
             "measurements": {name: float(value) for name, value in measurements.items()}}
 
 
-def test_train_step_applies_the_meta_gradient(one_step):
+@pytest.mark.slow
+def test_meta_update_applies_the_meta_gradient(one_step):
     """The first Adam step moves each entry by about the rate, against its gradient's sign."""
     network, before, after = one_step["network"], one_step["before"], one_step["after"]
     for variable in network.trainable_variables:
@@ -167,7 +168,8 @@ def test_train_step_applies_the_meta_gradient(one_step):
 
 
 @pytest.mark.parametrize("bn_mode", MODES)
-def test_a_train_step_gives_every_trainable_variable_a_meta_gradient_in_every_mode(
+@pytest.mark.slow
+def test_a_meta_update_gives_every_trainable_variable_a_meta_gradient_in_every_mode(
         batch, bn_mode):
     """Under second order every row of every trainable variable moves (Adam's first
     step moves an entry only where its gradient is non-zero); TaskNorm's blend
@@ -178,7 +180,7 @@ def test_a_train_step_gives_every_trainable_variable_a_meta_gradient_in_every_mo
     blend = {"blend_scale", "blend_offset"}
     assert (blend <= names) if bn_mode == TASK_NORM else not blend & names
     before = values(network.trainable_variables)
-    measurements = learner.train_step(batch, tf.constant(MSL_WEIGHTS), True, True)
+    measurements = learner.meta_update(batch, tf.constant(MSL_WEIGHTS), True, True)
     assert float(measurements["gradient_norm"]) > 0
     for variable in network.trainable_variables:
         for index, (old, new) in enumerate(zip(rows(before[variable.path]),
@@ -188,7 +190,8 @@ def test_a_train_step_gives_every_trainable_variable_a_meta_gradient_in_every_mo
 
 @pytest.mark.parametrize("bn_mode, filled", [(TRANSDUCTIVE, STEPS), (SUPPORT, STATES),
                                              (TASK_NORM, STATES), (RUNNING, STATES)])
-def test_train_step_folds_each_states_support_statistics_into_its_bank_row(
+@pytest.mark.slow
+def test_meta_update_folds_each_states_support_statistics_into_its_bank_row(
         batch, adapt_by_hand, bn_mode, filled):
     """BNRS: bank row s moves towards the support statistics at weight state s.
 
@@ -205,7 +208,7 @@ def test_train_step_folds_each_states_support_statistics_into_its_bank_row(
     means, variances = support_statistics_by_hand(network, batch, adapt_by_hand)
     # Each state's statistics differ, so a shifted row would show.
     assert np.abs(np.diff(means, axis=0)).min() > 1e-4
-    meta_learner(network).train_step(batch, tf.constant(MSL_WEIGHTS), False, True)
+    meta_learner(network).meta_update(batch, tf.constant(MSL_WEIGHTS), False, True)
     new_mean, new_variance = norm.moving_mean.numpy(), norm.moving_variance.numpy()
     # The statistics each row was moved towards.
     towards_mean = (new_mean - (1 - MOMENTUM) * old_mean) / MOMENTUM
@@ -217,7 +220,8 @@ def test_train_step_folds_each_states_support_statistics_into_its_bank_row(
     np.testing.assert_array_equal(new_variance[filled:], old_variance[filled:])
 
 
-def test_train_step_measurements_are_means_over_the_tasks(one_step):
+@pytest.mark.slow
+def test_meta_update_measurements_are_means_over_the_tasks(one_step):
     measurements, reference = one_step["measurements"], one_step["reference"]
     losses = reference["target_losses"]  # (tasks, steps)
     assert measurements["loss"] == pytest.approx((losses @ MSL_WEIGHTS).mean(), rel=1e-4)
@@ -265,13 +269,14 @@ def test_switched_off_techniques_remove_exactly_their_variables():
 
 
 @pytest.mark.parametrize("bn_mode, states", [(TRANSDUCTIVE, STEPS), (RUNNING, STATES)])
-def test_train_step_without_lslr_bnwb_bnrs(batch, adapt_by_hand, bn_mode, states):
+@pytest.mark.slow
+def test_meta_update_without_lslr_bnwb_bnrs(batch, adapt_by_hand, bn_mode, states):
     network = tiny_network(learn_inner_rates=False, per_step_bn_affine=False,
                            per_step_bn_statistics=False, inner_lr=0.25, bn_mode=bn_mode)
     learner = meta_learner(network)
     means, variances = support_statistics_by_hand(network, batch, adapt_by_hand)
     before = values(network.variables)
-    learner.train_step(batch, tf.constant(MSL_WEIGHTS), True, True)
+    learner.meta_update(batch, tf.constant(MSL_WEIGHTS), True, True)
     for rates in network.inner_rates.values():
         np.testing.assert_array_equal(rates.numpy(), [0.25] * STEPS)
     norm = network.norms[0]
@@ -305,6 +310,7 @@ def test_msl_wiring_non_final_banks_learn_only_from_the_multi_step_loss(batch):
     assert np.abs(second_order[gamma][1]).max() > 1e-6
 
 
+@pytest.mark.slow
 def test_msl_wiring_the_outer_loss_is_the_weighted_sum_of_step_losses(batch):
     learner = meta_learner(tiny_network())
     mixed = task_gradients(learner, batch, True, True, msl_weights=[0.3, 0.7])
@@ -355,7 +361,7 @@ def test_task_by_task_sums_are_the_single_tasks_steps(batch):
 
 def test_folded_and_one_at_a_time_tasks_give_the_same_sums(batch):
     if not grouped_convolution_gradients():
-        with pytest.raises(ValueError, match="--fold_tasks"):
+        with pytest.raises(ValueError, match="fold_tasks=True"):
             meta_learner(tiny_network(), fold_tasks=True)
         return
     learner = meta_learner(tiny_network(), fold_tasks=True)
@@ -373,30 +379,31 @@ def test_folded_and_one_at_a_time_tasks_give_the_same_sums(batch):
 
 
 @pytest.mark.parametrize("fold_tasks", [False, True], ids=["task by task", "folded"])
+@pytest.mark.slow
 def test_the_meta_step_traces_once_per_switch_combination(batch, fold_tasks):
     if fold_tasks and not grouped_convolution_gradients():
-        with pytest.raises(ValueError, match="--fold_tasks"):
+        with pytest.raises(ValueError, match="fold_tasks=True"):
             meta_learner(tiny_network(), fold_tasks=True)
         return
     learner = meta_learner(tiny_network(), fold_tasks=fold_tasks)
     schedule = [[0.5, 0.5], [0.45, 0.55], [0.4, 0.6], [0.5, 0.5], [0.3, 0.7]]
     for weights in schedule:
-        learner.train_step(batch, tf.constant(weights), False, True)
+        learner.meta_update(batch, tf.constant(weights), False, True)
     assert learner.trace_count == 1
     # DA switches to second order once: one more trace, and another update.
     state = learner.network.variables + learner.optimizer.variables
     saved = [v.numpy() for v in state]
-    learner.train_step(batch, tf.constant([0.3, 0.7]), True, True)
+    learner.meta_update(batch, tf.constant([0.3, 0.7]), True, True)
     assert learner.trace_count == 2
     second_order_update = values(learner.network.trainable_variables)
     for variable, value in zip(state, saved):
         variable.assign(value)
-    learner.train_step(batch, tf.constant([0.3, 0.7]), False, True)
+    learner.meta_update(batch, tf.constant([0.3, 0.7]), False, True)
     first_order_update = values(learner.network.trainable_variables)
     kernel = learner.network.fast_variables["conv0/kernel"].path
     assert np.abs(second_order_update[kernel] - first_order_update[kernel]).max() > 1e-5
     for weights in schedule:
-        learner.train_step(batch, tf.constant(weights), True, True)
+        learner.meta_update(batch, tf.constant(weights), True, True)
     assert learner.trace_count == 2
 
 
@@ -410,6 +417,7 @@ def evaluation_learner(bn_mode, seed=3):
 @pytest.mark.parametrize("num_steps, trained_mode, bn_mode", [
     (4, TRANSDUCTIVE, TRANSDUCTIVE), (2, TRANSDUCTIVE, SUPPORT), (2, TRANSDUCTIVE, RUNNING),
     (2, SUPPORT, SUPPORT), (3, TASK_NORM, TASK_NORM), (4, RUNNING, RUNNING)])
+@pytest.mark.slow
 def test_evaluate_batch_scores_every_step(batch, adapt_by_hand, num_steps, trained_mode,
                                           bn_mode):
     """Evaluation adapts as the hand-written loop does, in the mode it is asked for
@@ -433,11 +441,12 @@ def test_evaluate_batch_scores_every_step(batch, adapt_by_hand, num_steps, train
 
 
 @pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.slow
 def test_evaluate_batch_takes_any_number_of_tasks(batch, make_tasks, bn_mode):
     """After training on batches of TASKS tasks, batches of 5, 3, 1 and 2 tasks
     are evaluated, and each task gets the results it gets in the batch of 5."""
     network, learner = evaluation_learner(bn_mode)
-    learner.train_step(batch, tf.constant(MSL_WEIGHTS), False, True)
+    learner.meta_update(batch, tf.constant(MSL_WEIGHTS), False, True)
     tasks = make_tasks(5, WAY, shot=2, query=3, image_shape=IMAGE_SHAPE, seed=7)
     full = {name: value.numpy() for name, value in
             learner.evaluate_batch(tasks, STEPS, bn_mode).items()}

@@ -17,9 +17,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import json
-import pathlib
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -29,6 +26,7 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
+from conftest import TIMEOUT, run_main, run_python, slow_tests_selected
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate, inner_update
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.run import config as config_module
@@ -41,7 +39,6 @@ from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer, build_network
 
 from test_inner_loop import smooth_problem
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 WAY, IMAGE_SHAPE, STEPS = 2, (8, 8, 1), 2
 MSL_WEIGHTS = [0.4, 0.6]
 # float16 keeps 11 significant bits, about 3 digits; 1 or 2 inner steps lose
@@ -52,7 +49,6 @@ TOLERANCE = 0.05
 # same problems: 1.4% to 2.6% over all the meta-gradient, at most 7.2% on one
 # variable.
 TOLERANCES = {tf.float16: TOLERANCE, tf.bfloat16: 3 * TOLERANCE}
-TIMEOUT = 300  # seconds, for any one subprocess
 
 # Two logical CPUs: a mixed-precision step under MirroredStrategy against the
 # single-device one, then a step whose second task (the second replica's)
@@ -85,7 +81,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     def step(learner, batch):
         variables = learner.network.variables
         before = [v.numpy().tolist() for v in variables]
-        figures = learner.train_step(batch, tf.constant([1.0]), True, False)
+        figures = learner.meta_update(batch, tf.constant([1.0]), True, False)
         return {"before": before, "after": [v.numpy().tolist() for v in variables],
                 "figures": {k: float(v) for k, v in figures.items()},
                 "scale": float(learner.loss_scale.scale.numpy()),
@@ -104,25 +100,22 @@ RUN = ["--mixed_precision", "--way=3", "--shot=1", "--inner_steps=1", "--filters
        "--test_tasks=4", "--experiment=run"]
 
 
-def main_py(logdir, *flags):
-    return subprocess.run([sys.executable, str(REPO / "main.py"), f"--logdir={logdir}", *flags],
-                          cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT)
-
-
 def train_then_resume(logdir):
     """`main.py --mixed_precision` for one epoch, then the same command for a second."""
-    return {"first": main_py(logdir, *RUN, "--epochs=1"),
-            "second": main_py(logdir, *RUN, "--epochs=2"), "run_dir": logdir / "run"}
+    return {"first": run_main(f"--logdir={logdir}", *RUN, "--epochs=1"),
+            "second": run_main(f"--logdir={logdir}", *RUN, "--epochs=2"),
+            "run_dir": logdir / "run"}
 
 
 @pytest.fixture(scope="module", autouse=True)
-def processes(tmp_path_factory):
-    """The subprocesses: name -> future of their results."""
+def processes(request, tmp_path_factory):
+    """The subprocesses: name -> future of their results; none unless slow tests run."""
+    if not slow_tests_selected(request):
+        yield {}
+        return
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     futures = {"run": pool.submit(train_then_resume, tmp_path_factory.mktemp("runs")),
-               "mirrored": pool.submit(subprocess.run, [sys.executable, "-c", MIRRORED_SCRIPT],
-                                       cwd=REPO, capture_output=True, text=True,
-                                       timeout=TIMEOUT)}
+               "mirrored": pool.submit(run_python, "-c", MIRRORED_SCRIPT)}
     yield futures
     pool.shutdown(wait=True)
 
@@ -256,12 +249,13 @@ def test_meta_learner_scales_the_inner_losses(confident_task):
         assert not np.any(gradient.numpy())
 
 
+@pytest.mark.slow
 def test_an_overflow_skips_the_update_and_halves_the_scale(task):
     learner = tiny_learner(mixed=True, num_steps=1)
     network, optimizer = learner.network, learner.optimizer
     weights = tf.constant([1.0])
     before = [v.numpy().copy() for v in network.trainable_variables]
-    figures = learner.train_step(task, weights, False, False)
+    figures = learner.meta_update(task, weights, False, False)
     assert (float(figures["skipped_updates"]), float(figures["loss_scale"])) == (0, 2.0**10)
     for variable, old in zip(network.trainable_variables, before):
         assert np.abs(variable.numpy() - old).max() > 1e-4, variable.path
@@ -271,7 +265,7 @@ def test_an_overflow_skips_the_update_and_halves_the_scale(task):
     state = lambda: [v.numpy().copy() for v in network.variables + optimizer.variables
                      if v is not optimizer.iterations]
     before = state()
-    figures = learner.train_step(task, weights, False, False)
+    figures = learner.meta_update(task, weights, False, False)
     assert (float(figures["skipped_updates"]), float(figures["loss_scale"])) == (1, 2.0**40)
     assert not np.isfinite(figures["gradient_norm"]) and figures["update_norm"] == 0
     # Weights, batch-norm banks, Adam's moments: untouched.
@@ -299,6 +293,7 @@ def test_all_finite():
     assert not bool(all_finite([tf.constant([np.nan])]))
 
 
+@pytest.mark.slow
 def test_under_mirrored_strategy_an_overflow_on_one_replica_skips_every_replica(processes):
     completed = processes["mirrored"].result(timeout=2 * TIMEOUT)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -330,7 +325,7 @@ def test_folded_tasks_give_the_task_loops_meta_gradient_in_16_bits(make_tasks):
     dtype = compute_dtype()
     if not grouped_convolution_gradients():
         # This device cannot differentiate grouped convolutions: the flag is refused.
-        with pytest.raises(ValueError, match="--fold_tasks"):
+        with pytest.raises(ValueError, match="fold_tasks=True"):
             meta_gradient(True, dtype)
         return
     for folded, looped, plain in zip(meta_gradient(True, dtype), meta_gradient(False, dtype),
@@ -340,6 +335,7 @@ def test_folded_tasks_give_the_task_loops_meta_gradient_in_16_bits(make_tasks):
         assert not np.allclose(looped, plain, rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow
 def test_a_mixed_precision_trainer_computes_in_bfloat16_on_a_cpu_and_float16_on_a_gpu(
         tmp_path, make_tasks):
     """bfloat16 where the step runs on a CPU, which has next to no float16 kernels."""
@@ -368,6 +364,7 @@ def test_bfloat16_units_are_read_off_the_cpu_flags(tmp_path, flags, expected):
     assert cpu_has_bfloat16_units(tmp_path / "absent") is False
 
 
+@pytest.mark.slow
 def test_the_xla_compiled_second_order_step_matches_the_plain_one_in_float16():
     """--jit_compile with --mixed_precision, second order: XLA has float16 kernels for
     every op of the step (max-pooling's second derivative is a mask and a window sum,
@@ -399,6 +396,7 @@ def scalars(run_dir, tag):
             for event in accumulator.Tensors(tag)}
 
 
+@pytest.mark.slow
 def test_main_trains_resumes_and_continues_the_loss_scale(run):
     assert f"the meta-step computes in {compute_dtype().name}" in run["first"].stderr
     assert "Resuming at epoch 2, iteration 1." in run["second"].stderr
@@ -429,6 +427,7 @@ def test_main_trains_resumes_and_continues_the_loss_scale(run):
     assert results["test_tasks"] == 4
 
 
+@pytest.mark.slow
 def test_the_export_of_a_mixed_precision_run_serves_float32(run):
     run_dir = RunDirectory.existing(run["run_dir"].parent, "run")
     signature = tf.saved_model.load(str(run_dir.path / "export")).signatures["adapt_and_predict"]
@@ -451,6 +450,7 @@ def test_the_export_of_a_mixed_precision_run_serves_float32(run):
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_changing_mixed_precision_is_refused_naming_the_flag(run):
     config = RunDirectory.existing(run["run_dir"].parent, "run").config
     with pytest.raises(RunDirectoryError, match=r"--mixed_precision=False \(run has True\)"):
@@ -458,6 +458,7 @@ def test_changing_mixed_precision_is_refused_naming_the_flag(run):
                           dataclasses.replace(config, mixed_precision=False))
 
 
+@pytest.mark.slow
 def test_loss_scale_is_checkpointed_and_restored(tmp_path):
     config = config_module.resolve("omniglot", way=3, filters=8, inner_steps=1, batch_size=2,
                                    mixed_precision=True)
@@ -486,11 +487,11 @@ def test_trainer_averages_applied_updates_counts_skipped_ones_and_stops_at_scale
     steps = iter([applied(4.0, 1.0), skipped(4.0), applied(2.0, 3.0), skipped(2.0),
                   applied(1.0, 1.0), skipped(1.0)])
 
-    def train_step(*args):
+    def meta_update(*args):
         trainer.optimizer.iterations.assign_add(1)  # skipped or not, as the real step
         return next(steps)
 
-    trainer.meta_learner.train_step = train_step
+    trainer.meta_learner.meta_update = meta_update
     record = trainer.train_epoch(0, itertools.repeat(None))
     assert record["train_skipped_updates"] == 2
     assert (record["train_loss"], record["train_loss_scale"]) == (2.0, 3.0)

@@ -146,7 +146,7 @@ def test_feature_size_of_the_paper_networks():
 
 @pytest.mark.parametrize("size, stages", [(8, 4), (1, 1), (15, 4)])
 def test_an_image_that_pools_to_nothing_raises_naming_the_flag(size, stages):
-    with pytest.raises(ValueError, match="--image_size"):
+    with pytest.raises(ValueError, match="image_size="):
         MamlppNetwork(way=5, image_shape=(size, size, 1), num_steps=1, filters=2,
                       num_stages=stages)
 

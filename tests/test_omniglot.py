@@ -12,6 +12,7 @@ import tensorflow_datasets as tfds
 from tf_mamlpp.data.class_images import ClassImages, DataError, from_class_arrays, read_npz
 from tf_mamlpp.data.omniglot import (CACHE_NAME, PARTS, load_omniglot, num_background_classes,
                                 split_classes)
+from tf_mamlpp.data.omniglot_splits import BACKGROUND_CLASSES, CLASSES, split_sizes
 
 OMNIGLOT_DIR = pathlib.Path(__file__).resolve().parents[1] / "datasets" / "omniglot"
 TINY_ALPHABETS = 2
@@ -191,6 +192,7 @@ def _mock_class_counts(split):
     return [counts[label] for *_, label in sorted(first_seen.values())]
 
 
+@pytest.mark.slow
 def test_an_empty_data_dir_falls_back_to_tfds(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -255,8 +257,24 @@ def test_a_split_is_fixed_by_its_seed(scheme):
         assert not np.array_equal(first[name], other[name])
 
 
+@pytest.mark.parametrize("scheme", ["mamlpp", "lake"])
+def test_split_sizes_are_those_split_classes_draws(scheme):
+    """preflight.py checks the way setting against `split_sizes` before the data loads."""
+    drawn = split_classes(BACKGROUND_CLASSES, CLASSES, scheme)
+    assert split_sizes(scheme) == {name: len(indices) for name, indices in drawn.items()}
+    assert list(split_sizes(scheme)) == ["train", "val", "test"]
+
+
+@pytest.mark.parametrize("scheme, num_background, num_classes", [
+    ("mamlpp", 964, 1200), ("lake", 50, 1623), ("lake", 1623, 1623)])
+def test_too_few_classes_for_a_split_scheme_name_the_setting(scheme, num_background,
+                                                             num_classes):
+    with pytest.raises(ValueError, match=f"omniglot_split={scheme} needs over"):
+        split_classes(num_background, num_classes, scheme)
+
+
 def test_an_unknown_split_scheme_names_the_flag():
-    with pytest.raises(ValueError, match="--omniglot_split"):
+    with pytest.raises(ValueError, match="omniglot_split="):
         split_classes(964, 1623, "vinyals")
 
 

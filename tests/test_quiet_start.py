@@ -1,16 +1,16 @@
 """Specification of tf_mamlpp.run.quiet_start: TensorFlow starts without its native notes."""
 
-import pathlib
-import subprocess
-import sys
 import textwrap
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import pytest
+
+from conftest import run_python
+
+pytestmark = pytest.mark.slow
 
 
 def stderr_of(script):
-    completed = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO,
-                               capture_output=True, text=True, timeout=300)
+    completed = run_python("-c", textwrap.dedent(script))
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stderr
 

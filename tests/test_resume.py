@@ -14,15 +14,14 @@ latest checkpoint and its best-checkpoint bookkeeping.
 import concurrent.futures
 import dataclasses
 import json
-import pathlib
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import TIMEOUT, MainProcess
+
+pytestmark = pytest.mark.slow
 
 ITERS_PER_EPOCH = 8
 # Two epochs of 8 first-order meta-iterations on 3-way 1-shot Omniglot with an
@@ -32,50 +31,15 @@ RUN = ["--way=3", "--shot=1", "--inner_steps=1", "--filters=8", "--batch_size=2"
        "--second_order=false", "--deterministic", "--experiment=run"]
 # Flags (after RUN's) the existing run cannot continue under.
 REFUSED = ["--way=5", "--shot=2", "--filters=16", f"--iters_per_epoch={ITERS_PER_EPOCH // 2}"]
-TIMEOUT = 300  # seconds; any one process or wait, on a loaded 2-core machine
 
 
-class MainProcess:
-    """`python main.py` in the background, its output in files that can be read while it runs."""
-
-    def __init__(self, logdir, flags, name):
-        self.stdout_path = logdir / f"{name}.stdout"
-        self.stderr_path = logdir / f"{name}.stderr"
-        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
-            self.popen = subprocess.Popen(
-                [sys.executable, str(REPO / "main.py"), f"--logdir={logdir}", *flags],
-                cwd=REPO, stdout=stdout, stderr=stderr, text=True)
-
-    @property
-    def stdout(self):
-        return self.stdout_path.read_text()
-
-    @property
-    def stderr(self):
-        return self.stderr_path.read_text()
-
-    def wait_until(self, condition, what):
-        """Polls `condition()` until true; fails if the process exits first or time runs out."""
-        deadline = time.monotonic() + TIMEOUT
-        while not condition():
-            if self.popen.poll() is not None:
-                raise AssertionError(f"main.py exited ({self.popen.returncode}) before {what}:\n"
-                                     f"{self.stderr[-3000:]}")
-            if time.monotonic() > deadline:
-                self.popen.kill()
-                raise AssertionError(f"timed out waiting for {what}")
-            time.sleep(0.02)
-
-    def wait(self):
-        try:
-            return self.popen.wait(TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise
+def start_in(logdir, flags, name):
+    """main.py on `logdir` in the background, its output in logdir/`name`.stdout and .stderr."""
+    return MainProcess([f"--logdir={logdir}", *flags], output=logdir / name)
 
 
 def run_to_end(logdir, flags, name):
-    process = MainProcess(logdir, flags, name)
+    process = start_in(logdir, flags, name)
     process.wait()
     return process
 
@@ -87,7 +51,9 @@ def read_json(path):
 def epoch_1_is_saved(run_dir):
     """True once epoch 1's history, best checkpoint and latest checkpoint are all written."""
     best, state = run_dir / "best.json", run_dir / "checkpoints" / "latest" / "checkpoint"
+    history = run_dir / "history.json"  # written last, after the best checkpoint
     return (best.exists() and any(entry[1] == 1 for entry in read_json(best))
+            and history.exists() and len(read_json(history)) >= 1
             and state.exists()
             and f'model_checkpoint_path: "ckpt-{ITERS_PER_EPOCH}"' in state.read_text())
 
@@ -128,7 +94,7 @@ def interrupted_chain(logdir):
     """
     run_dir = logdir / "run"
     record = {"run_dir": run_dir}
-    killed = MainProcess(logdir, RUN, "sigkill")
+    killed = start_in(logdir, RUN, "sigkill")
     killed.wait_until(lambda: epoch_1_is_saved(run_dir), "epoch 1 was saved")
     killed.popen.send_signal(signal.SIGKILL)
     killed.wait()
@@ -136,7 +102,7 @@ def interrupted_chain(logdir):
                          "checkpoints": checkpoint_numbers(run_dir),
                          "results_exist": (run_dir / "results.json").exists()}
     for signal_number in (signal.SIGINT, signal.SIGTERM):
-        process = MainProcess(logdir, RUN, signal_number.name)
+        process = start_in(logdir, RUN, signal_number.name)
         process.wait_until(lambda: "Resuming at epoch" in process.stderr, "the run resumed")
         process.popen.send_signal(signal_number)
         process.wait()
@@ -203,16 +169,16 @@ def test_stop_during_the_last_iteration_of_an_epoch_still_validates_that_epoch(t
 
     config = one_epoch_config()
     first = Trainer(config, open_run(tmp_path, config))
-    train_step = first.meta_learner.train_step
+    meta_update = first.meta_learner.meta_update
     calls = []
 
     def signal_during_the_last_iteration(*args):
         calls.append(None)
         if len(calls) == config.iters_per_epoch:
             first.request_stop()  # what the SIGINT/SIGTERM handler does
-        return train_step(*args)
+        return meta_update(*args)
 
-    first.meta_learner.train_step = signal_during_the_last_iteration
+    first.meta_learner.meta_update = signal_during_the_last_iteration
     try:
         first.train()
     except TrainingInterrupted:
@@ -240,7 +206,7 @@ def test_a_failed_validation_costs_no_training(tmp_path):
         first.train()
     second = Trainer(config, open_run(tmp_path, config))
     trained_again = []
-    second.meta_learner.train_step = lambda *args: trained_again.append(args)
+    second.meta_learner.meta_update = lambda *args: trained_again.append(args)
     second.train()
     assert trained_again == []
     assert second.iterations_done == config.iters_per_epoch

@@ -9,8 +9,6 @@ instead of deep inside the first meta-step.
 """
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_python
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
 
@@ -45,7 +44,7 @@ def assert_folding_is_refused(second_order, tasks, jit_compile=False):
             tape.watch(images)
             loss = tf.reduce_sum(tf.nn.conv2d(images, tf.ones((3, 3, 1, 2)), 1, "SAME"))
         tape.gradient(loss, images).numpy()
-    with pytest.raises(ValueError, match="--fold_tasks"):
+    with pytest.raises(ValueError, match="fold_tasks=True"):
         one_step(True, second_order, tasks, jit_compile=jit_compile)
 
 
@@ -54,12 +53,13 @@ def one_step(fold_tasks, second_order, tasks, parallel_tasks=1, jit_compile=Fals
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 3, fold_tasks=fold_tasks,
                           parallel_tasks=parallel_tasks, jit_compile=jit_compile)
-    figures = learner.train_step(tasks, tf.constant([0.3, 0.7]), second_order, True)
+    figures = learner.meta_update(tasks, tf.constant([0.3, 0.7]), second_order, True)
     return ([np.asarray(v.numpy()) for v in network.variables],
             {name: float(value) for name, value in figures.items()})
 
 
 @pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.slow
 def test_folded_tasks_give_the_plain_step(second_order):
     tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8)
     plain_variables, plain_figures = one_step(False, second_order, tasks)
@@ -76,6 +76,7 @@ def test_folded_tasks_give_the_plain_step(second_order):
 
 
 @pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.slow
 def test_parallel_tasks_give_the_plain_step(second_order):
     tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8, seed=1)
     plain_variables, plain_figures = one_step(False, second_order, tasks)
@@ -86,6 +87,7 @@ def test_parallel_tasks_give_the_plain_step(second_order):
     assert plain_figures["update_norm"] > 0
 
 
+@pytest.mark.slow
 def test_parallel_tasks_reach_the_task_loop():
     tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8)
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
@@ -98,6 +100,7 @@ def test_parallel_tasks_reach_the_task_loop():
 
 @pytest.mark.parametrize("fold_tasks", [False, True], ids=["task by task", "folded"])
 @pytest.mark.parametrize("second_order", [False, True])
+@pytest.mark.slow
 def test_the_xla_compiled_step_gives_the_plain_step(second_order, fold_tasks):
     tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8, seed=2)
     if fold_tasks and not grouped_convolution_gradients():
@@ -114,6 +117,7 @@ def test_the_xla_compiled_step_gives_the_plain_step(second_order, fold_tasks):
         np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cpu_threads_share_the_cores_among_parallel_tasks():
     script = textwrap.dedent("""
         import tensorflow as tf
@@ -122,8 +126,7 @@ def test_cpu_threads_share_the_cores_among_parallel_tasks():
         print(tf.config.threading.get_intra_op_parallelism_threads(),
               tf.config.threading.get_inter_op_parallelism_threads())
     """)
-    printed = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
-                             text=True).stdout.split()
+    printed = run_python("-c", script, check=True).stdout.split()
     cores = len(os.sched_getaffinity(0))
     assert [int(n) for n in printed] == [max(1, cores // 2), 2]
 

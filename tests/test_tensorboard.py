@@ -8,17 +8,17 @@ summaries are stored as tensors; each tag is read as {step: value}.
 
 import json
 import math
-import pathlib
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import run_main
+
+pytestmark = pytest.mark.slow
+
 EPOCHS, ITERS, STEPS = 3, 3, 2
 LAYERS = ["conv0", "conv1", "conv2", "conv3", "head"]
 META_LR, MIN_META_LR, INNER_LR = 1e-3, 1e-5, 0.1
@@ -35,8 +35,7 @@ EPOCH_ENDS = [(epoch + 1) * ITERS for epoch in range(EPOCHS)]  # steps of valida
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     logdir = tmp_path_factory.mktemp("runs")
-    completed = subprocess.run([sys.executable, str(REPO / "main.py"), f"--logdir={logdir}", *RUN],
-                               cwd=REPO, capture_output=True, text=True, timeout=600)
+    completed = run_main(f"--logdir={logdir}", *RUN, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return logdir / "run", completed
 

@@ -8,22 +8,20 @@ epoch's save, so that what is on disk can be checked against what was trained.
 
 import dataclasses
 import json
-import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import run_main
 from tf_mamlpp.data import splits
 from tf_mamlpp.run import config as config_module
 from tf_mamlpp.run import evaluation
 from tf_mamlpp.run.run_directory import RunDirectory
 from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
 INNER_STEPS = 2
 EPOCHS = 5
 ITERS_PER_EPOCH = 2
@@ -210,10 +208,8 @@ def test_ensemble_is_the_mean_of_the_kept_models_probabilities(trained, fresh):
 
 def test_mode_test_on_the_run_reproduces_its_results(trained):
     before = json.loads((trained.run_dir.path / "results.json").read_text())
-    completed = subprocess.run(
-        [sys.executable, str(REPO / "main.py"), "--mode=test",
-         f"--logdir={trained.run_dir.path.parent}", f"--experiment={trained.run_dir.path.name}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+    completed = run_main("--mode=test", f"--logdir={trained.run_dir.path.parent}",
+                         f"--experiment={trained.run_dir.path.name}")
     assert completed.returncode == 0, completed.stderr[-3000:]
     after = json.loads((trained.run_dir.path / "results.json").read_text())
     assert [model["epoch"] for model in after["models"]] == [m["epoch"] for m in before["models"]]
@@ -243,17 +239,17 @@ def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_the_last_checkpoint
     config = tiny_config(epochs=2)
     run_dir = RunDirectory.open(tmp_path, "run", config)
     trainer = Trainer(config, run_dir)
-    train_step = trainer.meta_learner.train_step
+    meta_update = trainer.meta_learner.meta_update
     calls = []
 
     def nan_on_the_third_call(*args):
-        figures = train_step(*args)
+        figures = meta_update(*args)
         calls.append(None)
         if len(calls) == 3:
             figures = {**figures, "loss": tf.constant(float("nan"))}
         return figures
 
-    trainer.meta_learner.train_step = nan_on_the_third_call
+    trainer.meta_learner.meta_update = nan_on_the_third_call
     with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 2, iteration 1\b"):
         trainer.train()
     assert [record["epoch"] for record in run_dir.read_history()] == [1]

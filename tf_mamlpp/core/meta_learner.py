@@ -1,6 +1,6 @@
-"""The MAML++ meta-update and the batched evaluation step.
+"""The MAML++ meta-update compiled, distributed and in mixed precision, as a Keras model.
 
-One compiled function adapts to every task of a meta-batch and returns the
+The outer loss is meta_step.py's. One compiled function adapts to every task of a meta-batch and returns the
 meta-gradient. Its graph holds one inner loop however many tasks there are
 (tracing a loop unrolled over eight tasks takes over a minute): either
 `tf.map_fn` runs the tasks one after another, or they are folded into
@@ -11,28 +11,39 @@ function is traced once per combination in force, at most three times in a
 run, never per step. Under mixed precision (a `DynamicLossScale`) the
 meta-step computes in its 16-bit dtype with scaled losses, and an update whose
 meta-gradient is not finite is skipped; evaluation stays float32.
+
+As a `keras.Model`, `fit` runs `train_step` (a meta-update in the phase of
+the epoch, which the `FollowSchedule` callback sets) and `evaluate` runs
+`test_step` (adaptation and the target accuracy).
 """
 
+import keras
 import tensorflow as tf
 
+from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.core.batch_norm_modes import RUNNING
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate, support_states
+from tf_mamlpp.core.meta_step import outer_loss
 from tf_mamlpp.core.mixed_precision import all_finite
 from tf_mamlpp.core.network import grouped_convolution_gradients
+from tf_mamlpp.core.schedules import Phase, Schedule, meta_optimizer
 
 TASK_KEYS = ("support_images", "support_labels", "target_images", "target_labels")
 
 
-class MetaLearner:
-    """Meta-trains a `MamlppNetwork` with Adam.
+class MetaLearner(keras.Model):
+    """Meta-trains a `MamlppNetwork`, or any learner with its protocol, with Adam.
 
     Args:
-      network: the `MamlppNetwork` holding every meta-parameter.
-      optimizer: a Keras optimizer (Adam with the CA schedule, as built by the
-        trainer).
-      global_batch_size: tasks per meta-batch over all replicas; per-task
-        losses are divided by it, so the all-reduced sum of replica gradients
-        is the mean over tasks.
+      network: the `MamlppNetwork` (or `KerasBackbone`) holding every
+        meta-parameter.
+      optimizer: a Keras optimizer; the model is compiled with it. Default:
+        `meta_optimizer()`, Adam with the paper's learning rate (pass one with
+        the CA schedule, see `schedules.meta_optimizer`, for cosine annealing).
+      global_batch_size: for `meta_update`, tasks per meta-batch over all
+        replicas; per-task losses are divided by it, so the all-reduced sum
+        of replica gradients is the mean over tasks. `fit` reads it from the
+        batches.
       strategy: a `tf.distribute.Strategy`; the default strategy if None.
       jit_compile: compile the steps with XLA.
       fold_tasks: run the tasks of a meta-batch together, folded into grouped
@@ -42,16 +53,22 @@ class MetaLearner:
       loss_scale: None (float32), or the `DynamicLossScale` of a mixed-precision
         run: the meta-step then computes in its `compute_dtype` and scales its
         losses.
+      schedule: the `Schedule` that `fit` follows; the paper's by default.
+        `meta_update` takes the phase as arguments instead.
+      eval_inner_steps: inner steps of `evaluate`; the trained number by default.
     Meta-training normalises in the network's `bn_mode` (see
     per_step_batch_norm.py).
     """
 
-    def __init__(self, network, optimizer, global_batch_size, strategy=None, jit_compile=False,
-                 fold_tasks=False, loss_scale=None, parallel_tasks=1):
+    def __init__(self, network, optimizer=None, global_batch_size=None, strategy=None,
+                 jit_compile=False,
+                 fold_tasks=False, loss_scale=None, parallel_tasks=1, schedule=None,
+                 eval_inner_steps=None, **kwargs):
+        super().__init__(**kwargs)
         if fold_tasks and not grouped_convolution_gradients():
-            raise ValueError("--fold_tasks needs gradients of grouped convolutions, which "
-                             "TensorFlow lacks on this device (on a CPU they need AVX-512); "
-                             "run without --fold_tasks")
+            raise ConfigError("fold_tasks=True needs gradients of grouped convolutions, which "
+                              "TensorFlow lacks on this device (on a CPU they need AVX-512); "
+                              "pass fold_tasks=False", "fold_tasks")
         self.network = network
         self.bn_mode = network.bn_mode
         # The running mode reads the bank of the adapted weights, so training fills it.
@@ -59,22 +76,59 @@ class MetaLearner:
         self.fold_tasks = fold_tasks
         self.parallel_tasks = parallel_tasks
         self.loss_scale = loss_scale
-        self.optimizer = optimizer
         self.global_batch_size = global_batch_size
         self.strategy = strategy or tf.distribute.get_strategy()
         self.num_steps = network.num_steps
+        self.schedule = schedule or Schedule(network.num_steps)
+        self.eval_inner_steps = eval_inner_steps or network.num_steps
+        self.phase = self.schedule.at(0)
+        # fit reads the MSL weights from here, so a new epoch's need no retrace.
+        self.msl_weights = self.add_weight(
+            name="msl_weights", shape=(self.num_steps,), trainable=False,
+            initializer=keras.initializers.Constant(self.phase.msl_weights))
+        self.loss_mean = keras.metrics.Mean(name="loss")
+        self.accuracy_mean = keras.metrics.Mean(name="accuracy")
+        optimizer = optimizer or meta_optimizer()
         # Slots created now, not inside the first trace (which would trace twice).
         optimizer.build(network.trainable_variables)
+        self.compile(optimizer=optimizer, jit_compile=jit_compile)
         self._replica_train_step = tf.function(self._replica_train_step_fn, jit_compile=jit_compile)
         # A last, smaller batch of tasks is traced once more, with its own static shape.
         self.evaluate_batch = tf.function(self._evaluate_batch_fn, jit_compile=jit_compile)
+        self.built = True
+
+    @property
+    def metrics(self):
+        return [self.loss_mean, self.accuracy_mean]
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        """`keras.Model.fit`, with MSL and DA following the epoch (`FollowSchedule`)."""
+        kwargs.setdefault("shuffle", False)  # episodes come shuffled
+        return super().fit(*args, callbacks=[FollowSchedule(), *(callbacks or [])], **kwargs)
+
+    def train_step(self, data):
+        """`fit`'s step: a meta-update on a batch of tasks in the epoch's `phase`."""
+        tasks = {key: data[key] for key in TASK_KEYS}
+        local_tasks = tf.cast(tf.shape(tasks["support_images"])[0], tf.float32)
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        sums = self._replica_update(tasks, local_tasks * replicas, self.msl_weights,
+                                    self.phase.second_order, self.phase.multi_step)["task_sums"]
+        self.loss_mean.update_state(sums["loss"] / local_tasks)
+        self.accuracy_mean.update_state(sums["accuracy"] / local_tasks)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    def test_step(self, data):
+        """`evaluate`'s step: adaptation to each task, and its target accuracy."""
+        result = self._evaluate_batch_fn(data, self.eval_inner_steps, self.bn_mode)
+        self.accuracy_mean.update_state(tf.reduce_mean(result["accuracies"][:, -1]))
+        return {"accuracy": self.accuracy_mean.result()}
 
     @property
     def trace_count(self):
         """Traces of the meta-step so far (bounded by the schedule's combinations)."""
         return self._replica_train_step.experimental_get_tracing_count()
 
-    def train_step(self, batch, msl_weights, second_order, multi_step):
+    def meta_update(self, batch, msl_weights, second_order, multi_step):
         """One meta-update on a meta-batch.
 
         Args:
@@ -110,18 +164,14 @@ class MetaLearner:
           averaged over them (`bn_means`, `bn_variances`, per stage (steps, filters)).
           Losses and gradients are unscaled under mixed precision.
         """
-        last = self.num_steps - 1
-        target_steps = list(range(self.num_steps)) if multi_step else [last]
-        weights = msl_weights if multi_step else tf.ones([1])
         variables = self.network.trainable_variables
         mixed = self.loss_scale is not None
         scale = self.loss_scale.scale.read_value() if mixed else None
         with tf.GradientTape() as tape:
-            result = adapt_and_evaluate(
-                self.network, tasks, self.num_steps, second_order, target_steps, self.bn_mode,
+            loss, result = outer_loss(
+                self.network, tasks, Phase(msl_weights, multi_step, second_order),
                 compute_dtype=self.loss_scale.compute_dtype if mixed else tf.float32,
-                loss_scale=scale, final_statistics=self.final_statistics)
-            loss = tf.reduce_sum(result["target_losses"] * weights)
+                loss_scale=scale)
             # The inner losses carry the same scale (see mixed_precision.py).
             scaled_loss = loss * scale if mixed else loss
         gradients = tape.gradient(
@@ -161,13 +211,17 @@ class MetaLearner:
         return {key: batch[key][start:start + share] for key in TASK_KEYS}
 
     def _replica_train_step_fn(self, batch, msl_weights, second_order, multi_step):
-        tasks = self._replica_tasks(batch)
+        return self._replica_update(self._replica_tasks(batch), self.global_batch_size,
+                                    msl_weights, second_order, multi_step)
+
+    def _replica_update(self, tasks, global_batch_size, msl_weights, second_order, multi_step):
+        """The meta-update from this replica's `tasks`; sums over them and replicated figures."""
         variables = self.network.trainable_variables
         step = self._tasks_step if self.fold_tasks else self._task_by_task
         sums = step(tasks, msl_weights, second_order, multi_step)
         # Each replica sums its tasks' gradients over the global task count;
         # the optimizer all-reduces the sum across replicas into a global mean.
-        gradients = [g / self.global_batch_size for g in sums["gradients"]]
+        gradients = [g / global_batch_size for g in sums["gradients"]]
         update = (gradients, sums["bn_means"], sums["bn_variances"])
         replica_context = tf.distribute.get_replica_context()
         # The global meta-gradient, the same on every replica.
@@ -269,3 +323,21 @@ class MetaLearner:
                 "accuracies": tf.TensorSpec((1, num_steps), tf.float32),
                 "probabilities": tf.TensorSpec((1, queries, way), tf.float32)})
         return {name: value[:, 0] for name, value in per_task.items()}
+
+
+class FollowSchedule(keras.callbacks.Callback):
+    """Sets a `MetaLearner`'s phase at each epoch of `fit`: MSL weights, MSL, DA.
+
+    A change of derivative order or of MSL rebuilds the train function (at
+    most three traces a run); the MSL weights are a variable, read by the
+    traced step.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        learner = self.model
+        phase = learner.schedule.at(epoch)
+        learner.msl_weights.assign(phase.msl_weights)
+        changed = phase[1:] != learner.phase[1:]
+        learner.phase = phase
+        if changed:
+            learner.make_train_function(force=True)

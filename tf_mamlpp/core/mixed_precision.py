@@ -89,9 +89,9 @@ def all_finite(tensors):
 
 
 def warn_if_slow():
-    """Warns where `--mixed_precision` runs slower than float32: on a CPU without bfloat16 units."""
+    """Warns where mixed precision runs slower than float32: on a CPU without bfloat16 units."""
     if not tf.config.list_physical_devices("GPU") and not cpu_has_bfloat16_units():
-        logging.warning("--mixed_precision without a GPU computes in bfloat16, which this CPU "
+        logging.warning("Mixed precision without a GPU computes in bfloat16, which this CPU "
                         "has no instructions for (AVX512-BF16 or AMX): slower than float32.")
 
 

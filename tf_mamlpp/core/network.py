@@ -9,7 +9,22 @@ per-step inner learning rates (LSLR). Its forward pass is a function of
 explicit fast weights, so the same model runs with its own variables or with
 adapted ones, and evaluating it changes no variable. The forward pass
 computes in the dtype each call asks for (float16 or bfloat16 under
---mixed_precision, see mixed_precision.py); variables and fast weights stay float32.
+--mixed_precision, see mixed_precision.py), by default the variables' own;
+variables and fast weights stay in their dtype: float32, or float64 with
+`dtype="float64"` for gradient checks (see tf_mamlpp.ops).
+
+The fast-weights protocol: what the inner loop, the meta-step and the
+meta-learner ask of a learner, here and in keras_backbone.py alike.
+- `num_steps`, `way`, `bn_mode`: inner steps, classes, the batch-norm mode.
+- `initial_fast_weights(num_tasks)`: name -> (tasks, ...) copies of the
+  initialisation, whose gradients sum into the variables'.
+- `forward(images, fast_weights, state, bn_mode, compute_dtype, support)`:
+  (tasks, batch, way) logits at weight state `state`, and for a support pass
+  (`support` None) each norm's `Moments`, which the target pass then takes.
+- `inner_rate(weight_name, step)`: LSLR's rate for that weight and step.
+- `norms`: the `PerStepBatchNorm` layers, in `forward`'s order, and
+  `update_running_statistics(means, variances)` to fold statistics into them.
+- `trainable_variables`: every meta-parameter.
 """
 
 import functools
@@ -17,6 +32,7 @@ import functools
 import keras
 import tensorflow as tf
 
+from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.core.batch_norm_modes import RUNNING, TASK_NORM, TRANSDUCTIVE, check_mode
 from tf_mamlpp.core.per_step_batch_norm import PerStepBatchNorm
 from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
@@ -39,6 +55,8 @@ class MamlppNetwork(keras.Model):
       bn_momentum: weight of new statistics in a running-bank update.
       bn_mode: the batch-norm mode it is meta-trained in, and so evaluated and
         exported in (see per_step_batch_norm.py).
+      **kwargs: keras.Model's; `dtype` (a Keras dtype policy) sets the
+        variables' dtype, float32 by default.
     """
 
     def __init__(self, way, image_shape, num_steps, filters=64, num_stages=4,
@@ -67,9 +85,9 @@ class MamlppNetwork(keras.Model):
         for stage in range(self.num_stages):
             height, width = height // 2, width // 2
             if height < 1 or width < 1:
-                raise ValueError(
-                    f"--image_size {self.image_shape[0]}x{self.image_shape[1]} cannot be pooled "
-                    f"{self.num_stages} times; it reaches zero at stage {stage + 1}")
+                raise ConfigError(
+                    f"image_size={self.image_shape[0]}x{self.image_shape[1]} cannot be pooled "
+                    f"{self.num_stages} times; it reaches zero at stage {stage + 1}", "image_size")
         return height * width * self.filters
 
     def _create_weights(self):
@@ -86,7 +104,7 @@ class MamlppNetwork(keras.Model):
             norm = PerStepBatchNorm(
                 self.num_steps + 1, self.per_step_bn_statistics, self.per_step_bn_affine,
                 momentum=self.bn_momentum, task_norm=self.bn_mode == TASK_NORM, autocast=False,
-                name=f"norm{i}")
+                dtype=self.dtype_policy, name=f"norm{i}")
             norm.build((None, *size, self.filters))
             setattr(self, f"norm{i}", norm)
             in_channels = self.filters
@@ -137,7 +155,7 @@ class MamlppNetwork(keras.Model):
         layer = weight_name.split("/")[0]
         return self.inner_rates[layer][min(step, self.num_steps - 1)]
 
-    def embed(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE, compute_dtype=tf.float32,
+    def embed(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE, compute_dtype=None,
               support=None):
         """Features before the head, for a batch of tasks at once.
 
@@ -146,15 +164,15 @@ class MamlppNetwork(keras.Model):
         meta-batch with each task's own weights, with no loop over tasks.
 
         Args:
-          images: (tasks, batch, height, width, channels) float32 in [0, 1].
+          images: (tasks, batch, height, width, channels) in [0, 1].
           fast_weights: dict from `initial_fast_weights` or the inner loop,
-            each with a leading tasks axis, float32.
+            each with a leading tasks axis, in the variables' dtype.
           state: Python int, the weight state (0 before adaptation, i after
             i inner steps) whose batch-norm banks are used.
           bn_mode: one of per_step_batch_norm.MODES.
-          compute_dtype: dtype of the convolutions and activations; images
-            and kernels are cast to it (a no-op for float32). Batch norm
-            keeps float32 gamma, beta and statistics.
+          compute_dtype: dtype of the convolutions and activations, None
+            for the variables' dtype; images and kernels are cast to it.
+            Batch norm keeps gamma, beta and statistics in the variables'.
           support: None when `images` are the support sets; for target
             images, the per-stage `Moments` their support pass returned at
             the same weights (entries may be None in TRANSDUCTIVE and
@@ -166,6 +184,7 @@ class MamlppNetwork(keras.Model):
           (tasks*filters,) support statistics per stage (None for a target
           pass).
         """
+        compute_dtype = compute_dtype or self.variable_dtype
         x = tf.cast(fold_tasks(images), compute_dtype)  # (batch, height, width, tasks*channels)
         target = support is not None
         moments = []
@@ -181,20 +200,21 @@ class MamlppNetwork(keras.Model):
         features = tf.reshape(features, (tf.shape(features)[0], -1, self.feature_size))
         return features, (None if target else moments)
 
-    def forward(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE,
-                compute_dtype=tf.float32, support=None):
+    def forward(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE, compute_dtype=None,
+                support=None):
         """Logits of a batch of tasks under `fast_weights`; see `embed`.
 
         Returns:
-          (logits, moments): (tasks, batch, way) float32 logits (the loss
-          and softmax are taken in float32 whatever `compute_dtype` is) and
-          the per-stage support moments (None for a target pass).
+          (logits, moments): (tasks, batch, way) logits in the variables'
+          dtype (the loss and softmax are taken in it whatever
+          `compute_dtype` is) and the per-stage support moments (None for a
+          target pass).
         """
         features, moments = self.embed(
             images, fast_weights, state, bn_mode, compute_dtype, support)
-        logits = tf.matmul(features, tf.cast(fast_weights["head/kernel"], compute_dtype))
-        logits = tf.cast(logits, tf.float32)
-        return logits + fast_weights["head/bias"][:, tf.newaxis, :], moments
+        head_kernel, head_bias = fast_weights["head/kernel"], fast_weights["head/bias"]
+        logits = tf.cast(tf.matmul(features, tf.cast(head_kernel, features.dtype)), head_bias.dtype)
+        return logits + head_bias[:, tf.newaxis, :], moments
 
     def running_embed(self, images):
         """(n, feature_size) features of (n, h, w, c) images under the initialisation.

@@ -33,13 +33,13 @@ import collections
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import (MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE,
-                                            check_mode)
-from tf_mamlpp.ops.batch_norm_kernel import batch_norm_training
+from tf_mamlpp.core.batch_norm_modes import SUPPORT, TASK_NORM, TRANSDUCTIVE, check_mode
+from tf_mamlpp.ops.batch_norm_kernel import (batch_norm_inference, batch_norm_training, moments,
+                                             normalise)
 
 # A support set's per-channel statistics at one weight state, which its
 # target pass is normalised with: mean and biased variance, (tasks*channels,)
-# float32, differentiable; `size` is the number of support images.
+# in the variables' dtype, differentiable; `size` is the number of support images.
 Moments = collections.namedtuple("Moments", ["mean", "variance", "size"])
 
 
@@ -130,33 +130,31 @@ class PerStepBatchNorm(keras.layers.Layer):
         affine_row = self.bank_index(state, self.gamma.shape[0])
         gamma = tf.tile(self.gamma[affine_row], [tasks])
         beta = tf.tile(self.beta[affine_row], [tasks])
+        size = tf.cast(tf.shape(inputs)[0], gamma.dtype)
         if not target and mode == TASK_NORM:
-            moments = _batch_moments(inputs)
-            return self._task_norm(inputs, moments, gamma, beta), moments
+            statistics = Moments(*moments(inputs, [0, 1, 2], gamma.dtype), size)
+            return self._task_norm(inputs, statistics, gamma, beta), statistics
         if not target or mode == TRANSDUCTIVE:
             outputs, mean, variance = batch_norm_training(inputs, gamma, beta, self.epsilon)
-            size = tf.cast(tf.shape(inputs)[0], tf.float32)
             return outputs, (None if target else Moments(mean, variance, size))
         if mode == SUPPORT:
-            return _normalise(inputs, support.mean, support.variance, gamma, beta,
-                              self.epsilon), None
+            return normalise(inputs, support.mean, support.variance, gamma, beta,
+                             self.epsilon), None
         if mode == TASK_NORM:
             return self._task_norm(inputs, support, gamma, beta), None
         row = self.bank_index(state, self.moving_mean.shape[0])
-        outputs, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=inputs, scale=gamma, offset=beta, mean=tf.tile(self.moving_mean[row], [tasks]),
-            variance=tf.tile(self.moving_variance[row], [tasks]), epsilon=self.epsilon,
-            is_training=False)
-        return outputs, None
+        return batch_norm_inference(
+            inputs, tf.tile(self.moving_mean[row], [tasks]),
+            tf.tile(self.moving_variance[row], [tasks]), gamma, beta, self.epsilon), None
 
     def _task_norm(self, inputs, support, gamma, beta):
         """TaskNorm-I: `support` moments blended with each image's instance moments."""
         alpha = tf.sigmoid(self.blend_scale * support.size + self.blend_offset)
-        instance_mean, instance_variance = _moments(inputs, axes=[1, 2], keepdims=True)
+        instance_mean, instance_variance = moments(inputs, [1, 2], gamma.dtype, keepdims=True)
         mean = alpha * support.mean + (1 - alpha) * instance_mean
         variance = (alpha * (support.variance + tf.square(support.mean - mean))
                     + (1 - alpha) * (instance_variance + tf.square(instance_mean - mean)))
-        return _normalise(inputs, mean, variance, gamma, beta, self.epsilon)
+        return normalise(inputs, mean, variance, gamma, beta, self.epsilon)
 
     def update_running_statistics(self, means, variances):
         """Moves the first rows of the running banks towards new statistics.
@@ -180,31 +178,3 @@ class PerStepBatchNorm(keras.layers.Layer):
                 "per_step_affine": self.per_step_affine,
                 "momentum": self.momentum, "epsilon": self.epsilon, "task_norm": self.task_norm}
 
-
-def _batch_moments(inputs):
-    """Per-channel mean and biased variance over batch and positions, float32."""
-    mean, variance = _moments(inputs, axes=[0, 1, 2])
-    return Moments(mean, variance, tf.cast(tf.shape(inputs)[0], tf.float32))
-
-
-def _moments(inputs, axes, keepdims=False):
-    """Mean and biased variance in float32, differentiable to second order.
-
-    tf.nn.moments stops the gradient through the mean inside the variance,
-    which is exact to first order only.
-    """
-    inputs = tf.cast(inputs, tf.float32)
-    mean = tf.reduce_mean(inputs, axis=axes, keepdims=True)
-    variance = tf.reduce_mean(tf.square(inputs - mean), axis=axes, keepdims=keepdims)
-    return (mean if keepdims else tf.squeeze(mean, axes)), variance
-
-
-def _normalise(inputs, mean, variance, gamma, beta, epsilon):
-    """gamma * (inputs - mean) / sqrt(variance + epsilon) + beta in float32, cast back.
-
-    Plain TensorFlow ops: the gradient reaches the statistics too, and hence
-    the support pass they came from.
-    """
-    scale = gamma * tf.math.rsqrt(variance + epsilon)
-    outputs = (tf.cast(inputs, tf.float32) - mean) * scale + beta
-    return tf.cast(outputs, inputs.dtype)

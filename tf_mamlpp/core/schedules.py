@@ -5,8 +5,11 @@ Python once per epoch and hand the result to the compiled meta-step as an
 argument; the meta-step then needs no retrace when they change.
 """
 
-import numpy as np
+import dataclasses
+from typing import NamedTuple
+
 import keras
+import numpy as np
 
 
 def msl_weights(epoch, num_steps, msl_epochs):
@@ -61,3 +64,40 @@ def meta_learning_rate(meta_lr, min_meta_lr, total_iterations, cosine_annealing)
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=meta_lr, decay_steps=total_iterations,
         alpha=min_meta_lr / meta_lr)
+
+
+def meta_optimizer(meta_lr=1e-3, min_meta_lr=1e-5, total_iterations=None):
+    """Adam, the paper's meta-optimizer: with CA over `total_iterations`, constant without."""
+    return keras.optimizers.Adam(meta_learning_rate(
+        meta_lr, min_meta_lr, total_iterations, cosine_annealing=total_iterations is not None))
+
+
+class Phase(NamedTuple):
+    """What the schedules prescribe for one epoch's meta-updates."""
+
+    msl_weights: np.ndarray  # (num_steps,) float32, the multi-step loss weights
+    multi_step: bool  # MSL in force: the outer loss sums every step's target loss
+    second_order: bool  # DA's derivative order
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The MSL and DA switches, and the epoch-indexed phase they give (CA is the optimizer's).
+
+    Defaults are the paper's; `msl=False, da=False` with `second_order`
+    chosen gives plain (first- or second-order) MAML's outer loss.
+    """
+
+    num_steps: int
+    msl: bool = True
+    msl_epochs: int = 10
+    da: bool = True
+    first_order_epochs: int = 50
+    second_order: bool = True
+
+    def at(self, epoch):
+        """The `Phase` of `epoch` (from 0)."""
+        return Phase(msl_weights(epoch, self.num_steps, self.msl_epochs),
+                     multi_step_loss_active(self.msl, epoch, self.msl_epochs),
+                     second_order_active(self.second_order, self.da, epoch,
+                                         self.first_order_epochs))

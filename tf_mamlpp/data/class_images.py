@@ -16,12 +16,13 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-import tempfile
 import zipfile
 from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
+
+from tf_mamlpp.atomic_files import write_atomically
 
 
 class DataError(ValueError):
@@ -105,32 +106,20 @@ def from_class_arrays(arrays: Sequence[np.ndarray],
 
 
 def write_npz(class_images: ClassImages, path: os.PathLike) -> None:
-    """Writes `class_images` to `path` atomically.
+    """Writes `class_images` to `path`, whole or not at all (atomic_files.py).
 
-    The arrays go to a temporary file in the same directory, which then
-    replaces `path` in one rename, so a killed process leaves either the old
-    file or the new one, never a truncated cache. Compressed: Omniglot's white
-    background shrinks 100 MB of float32 to about 7 MB, and reading it back
-    stays well under a second.
+    A killed process leaves the old cache or the new one, never a truncated
+    one. Compressed: Omniglot's white background shrinks 100 MB of float32 to
+    about 7 MB, and reading it back stays well under a second.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            np.savez_compressed(
-                file,
-                images=class_images.images,
-                class_offsets=class_images.class_offsets,
-                class_counts=class_images.class_counts,
-                class_names=np.array(class_images.class_names, dtype=str))
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp's 0o600 would hide a shared cache from others.
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomically(path, lambda file: np.savez_compressed(
+        file,
+        images=class_images.images,
+        class_offsets=class_images.class_offsets,
+        class_counts=class_images.class_counts,
+        class_names=np.array(class_images.class_names, dtype=str)))
 
 
 def read_npz(path: os.PathLike) -> ClassImages:

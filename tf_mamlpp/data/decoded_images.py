@@ -2,8 +2,8 @@
 
 Decoding is the slow part of reading images (a full-size ImageNet JPEG takes
 milliseconds), so `load_split` decodes each file only the first time: with
-tf.data, in parallel, resized to `image_size` x `image_size` ('area', as
-Omniglot) and rounded to uint8, one cache file per class. Later loads read
+tf.data, in parallel, resized to `image_size` x `image_size` and rounded to
+uint8 (image_decoding.py), one cache file per class. Later loads read
 the cache files, either into memory (`ClassImages`) or, for data sets larger
 than `--in_memory_limit_gb`, memory-mapped (`MappedClassImages`).
 
@@ -16,17 +16,18 @@ interrupted first load resumes where it stopped.
 """
 
 import hashlib
-import os
 import pathlib
 import re
-import tempfile
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_mamlpp.atomic_files import write_atomically
 from tf_mamlpp.data.class_images import DataError, from_class_arrays, is_writable
+from tf_mamlpp.data.image_decoding import decode_resized
 from tf_mamlpp.data.mapped_class_images import MappedClassImages
+from tf_mamlpp.error_text import tensorflow_error_text
 
 CACHE_FOLDER = ".tf_mamlpp_cache"
 DEFAULT_CACHE_DIR = "~/.cache/tf_mamlpp"
@@ -121,20 +122,6 @@ def _open_cached(path, count, shape):
     return array
 
 
-def decode_resized(contents, image_size, channels):
-    """Image file bytes to uint8 (image_size, image_size, channels).
-
-    Every format is decoded as RGB, then made grayscale if asked for, so that
-    PNG, JPEG, GIF and BMP files of either kind mix in one data set.
-    """
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-    if channels == 1:
-        image = tf.image.rgb_to_grayscale(image)
-    # 'area' averages the pixels each output pixel covers: no ringing, values in range.
-    image = tf.image.resize(image, (image_size, image_size), method="area")
-    return tf.saturate_cast(tf.round(image), tf.uint8)
-
-
 def _decode_into_cache(class_files, classes, paths, shape):
     """Decodes `classes` of `class_files` with tf.data and writes each class's cache file.
 
@@ -161,27 +148,20 @@ def _first_bad_file(files, shape, error):
         try:
             decode_resized(tf.io.read_file(str(file)), shape[0], shape[2])
         except tf.errors.OpError as file_error:
-            message = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", file_error.message).strip()
-            return DataError(f"{file}: not a readable image ({message.splitlines()[0]})")
-    return DataError(f"{files[0].parent}: decoding failed ({error.message.splitlines()[0]})")
+            return DataError(f"{file}: not a readable image "
+                             f"({tensorflow_error_text(file_error)})")
+    return DataError(f"{files[0].parent}: decoding failed ({tensorflow_error_text(error)})")
 
 
 def _write_npy(path, array):
-    """Writes `array` to `path` through a temporary file and a rename.
+    """Writes `array` to `path`, whole or not at all (atomic_files.py).
 
     Raises:
       DataError: the cache cannot be written (no space, read-only), naming it.
     """
-    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(descriptor, "wb") as file:
-            np.save(file, array, allow_pickle=False)
-        os.chmod(temporary, 0o644)  # mkstemp's 0o600 would hide a shared cache from others.
-        os.replace(temporary, path)
+        write_atomically(path, lambda file: np.save(file, array, allow_pickle=False))
     except OSError as error:
-        if temporary is not None and os.path.exists(temporary):
-            os.unlink(temporary)
         raise DataError(f"{path.parent}: cannot write the decoded-image cache "
                         f"({error.strerror or error})") from error

@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.data.class_images import ClassImages
 from tf_mamlpp.data.mapped_class_images import MappedClassImages
 
@@ -34,7 +35,7 @@ class EpisodeSpec:
 
 
 def episode_dataset(class_images: ClassImages | MappedClassImages, spec: EpisodeSpec,
-                    tasks_per_batch: int, seed: int, augment: bool, start_index: int = 0,
+                    tasks_per_batch: int, seed: int, augment: bool = False, start_index: int = 0,
                     num_tasks: int | None = None) -> tf.data.Dataset:
     """A dataset of batches of tasks sampled from `class_images`.
 
@@ -65,7 +66,8 @@ def episode_dataset(class_images: ClassImages | MappedClassImages, spec: Episode
       (uint8 images are divided by 255).
 
     Raises:
-      ValueError: a count is not positive or does not fit the data, naming the flag.
+      ValueError: a count is not positive or does not fit the data, naming the
+        argument (a ConfigError where it is a setting of the run).
     """
     _check_arguments(class_images, spec, tasks_per_batch, augment, start_index, num_tasks)
     read_images = _image_reader(class_images, spec)
@@ -87,26 +89,27 @@ def episode_dataset(class_images: ClassImages | MappedClassImages, spec: Episode
 
 
 def _check_arguments(class_images, spec, tasks_per_batch, augment, start_index, num_tasks):
-    """Raises a one-line ValueError naming the flag for a count that cannot work."""
-    for flag, value in (("--way", spec.way), ("--shot", spec.shot), ("--query", spec.query),
-                        ("--batch_size", tasks_per_batch)):
+    """Raises a one-line ValueError naming the argument for a count that cannot work."""
+    for name, value in dataclasses.asdict(spec).items():
         if value < 1:
-            raise ValueError(f"{flag}={value}: must be at least 1")
+            raise ConfigError(f"{name}={value}: must be at least 1", name)
+    if tasks_per_batch < 1:
+        raise ValueError(f"tasks_per_batch={tasks_per_batch}: must be at least 1")
     if spec.way > class_images.num_classes:
-        raise ValueError(f"--way={spec.way}: more than the {class_images.num_classes} "
-                         "classes of this split")
+        raise ConfigError(f"way={spec.way}: more than the {class_images.num_classes} "
+                          "classes of this split", "way")
     smallest = int(class_images.class_counts.min())
     if spec.shot + spec.query > smallest:
-        raise ValueError(f"--shot={spec.shot} plus --query={spec.query}: more than the "
-                         f"{smallest} images of the smallest class")
+        raise ConfigError(f"shot={spec.shot} plus query={spec.query}: more than the "
+                          f"{smallest} images of the smallest class", "shot", "query")
     if num_tasks is not None and num_tasks < 1:
         raise ValueError(f"num_tasks={num_tasks}: must be at least 1, or None for endless")
     if start_index < 0 or (num_tasks is not None and start_index > num_tasks):
         raise ValueError(f"start_index={start_index}: must lie in 0..num_tasks ({num_tasks})")
     height, width = class_images.image_shape[:2]
     if augment and height != width:
-        raise ValueError(f"--augment rotates by 90 degrees and needs square images, "
-                         f"got {height}x{width}")
+        raise ConfigError(f"augment=True rotates by 90 degrees and needs square images, "
+                          f"got {height}x{width}", "augment")
 
 
 def _image_reader(class_images, spec):

@@ -7,7 +7,7 @@
    rows `filename,label` (the split of Ravi & Larochelle, 2017, that
    mini-ImageNet is known by);
 3. one folder of classes, `<class>/<image>`, whose classes are shuffled with a
-   fixed seed and split by fractions (`--split_ratios`).
+   fixed seed and split by fractions (`split_ratios`).
 Only names are read here, no pixels: the index is quick to build, so flags that
 ask for more classes or images than a split has fail before any decoding.
 Hidden entries (starting with ".") are skipped; the decoded-image cache lives
@@ -20,6 +20,7 @@ import pathlib
 
 import numpy as np
 
+from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.data.class_images import DataError
 
 SPLITS = ("train", "val", "test")
@@ -30,7 +31,7 @@ SPLIT_SEED = 0  # a fixed seed: the split belongs to the data set, not to the ru
 PRE_SPLIT_LAYOUTS = ("train/, val/, test/ with one sub-folder of images (JPEG or PNG) per "
                      "class, or images/ with train.csv, val.csv, test.csv (filename,label)")
 ALL_LAYOUTS = PRE_SPLIT_LAYOUTS + ", or one sub-folder of images per class (split by " \
-                                  "--split_ratios)"
+                                  "the split ratios)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ def index_splits(data_dir, split_ratios=None, allow_unsplit=True) -> dict[str, C
     Raises:
       DataError: the folder is missing, in no known layout, or a class or
         file in it is missing or empty, naming the path and the expected layout.
-      ValueError: `split_ratios` is malformed or given for a pre-split layout.
+      ConfigError: `split_ratios` is malformed or given for a pre-split layout.
     """
     data_dir = pathlib.Path(data_dir).expanduser()
     layouts = ALL_LAYOUTS if allow_unsplit else PRE_SPLIT_LAYOUTS
@@ -83,8 +84,8 @@ def index_splits(data_dir, split_ratios=None, allow_unsplit=True) -> dict[str, C
     present = [split for split in SPLITS if (data_dir / split).is_dir()]
     if present or (data_dir / "train.csv").is_file():
         if split_ratios is not None:
-            raise ValueError(f"--split_ratios={split_ratios} conflicts with {data_dir}, which "
-                             "is split already; leave --split_ratios out")
+            raise ConfigError(f"split_ratios={split_ratios} conflicts with {data_dir}, which "
+                              "is split already; leave it out", "split_ratios")
         if present:
             return _index_split_folders(data_dir, present)
         return _index_split_files(data_dir)
@@ -160,15 +161,15 @@ def parse_split_ratios(text: str) -> tuple[float, float, float]:
     """"0.64,0.16,0.2" -> (0.64, 0.16, 0.2); three positive fractions that sum to 1.
 
     Raises:
-      ValueError: naming --split_ratios.
+      ConfigError: naming split_ratios.
     """
     try:
         ratios = tuple(float(part) for part in text.split(","))
     except ValueError:
         ratios = ()
     if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
-        raise ValueError(f"--split_ratios={text}: expected three positive fractions "
-                         "train,val,test that sum to 1, e.g. 0.64,0.16,0.2")
+        raise ConfigError(f"split_ratios={text}: expected three positive fractions "
+                          "train,val,test that sum to 1, e.g. 0.64,0.16,0.2", "split_ratios")
     return ratios
 
 
@@ -176,14 +177,14 @@ def split_sizes(num_classes: int, ratios: tuple[float, float, float]) -> tuple[i
     """Classes per split: val and test rounded from their fractions, train the rest.
 
     Raises:
-      ValueError: a split would get no class, naming --split_ratios.
+      ConfigError: a split would get no class, naming split_ratios.
     """
     val, test = (round(num_classes * ratio) for ratio in ratios[1:])
     sizes = (num_classes - val - test, val, test)
     if min(sizes) < 1:
-        raise ValueError(f"--split_ratios={','.join(map(str, ratios))} gives "
-                         f"{'/'.join(map(str, sizes))} train/val/test classes of "
-                         f"{num_classes}; every split needs at least one")
+        raise ConfigError(f"split_ratios={','.join(map(str, ratios))} gives "
+                          f"{'/'.join(map(str, sizes))} train/val/test classes of "
+                          f"{num_classes}; every split needs at least one", "split_ratios")
     return sizes
 
 

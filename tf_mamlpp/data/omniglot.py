@@ -14,7 +14,6 @@ classes as MAML++ does, or as Lake et al. do.
 import itertools
 import os
 import pathlib
-import re
 import zipfile
 
 import numpy as np
@@ -23,9 +22,13 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from tf_mamlpp.data.class_images import ClassImages, DataError, ImageCache, from_class_arrays
+from tf_mamlpp.data.image_decoding import decode_image, resized_to_unit_range
+from tf_mamlpp.data.omniglot_splits import split_sizes
+from tf_mamlpp.error_text import tensorflow_error_text
 
 PARTS = ("images_background", "images_evaluation")
 IMAGE_SIZE = 28
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE, 1)
 CACHE_NAME = f"omniglot_{IMAGE_SIZE}x{IMAGE_SIZE}.npz"
 DEFAULT_CACHE_DIR = "~/.cache/tf_mamlpp"
 _DECODE_BATCH = 512
@@ -119,29 +122,18 @@ def _read_folder(folder: pathlib.Path) -> list[tuple[tuple[str, str, str], bytes
 
 
 def _decode_pngs(pngs: list[bytes], source: pathlib.Path) -> np.ndarray:
-    """Decodes PNG bytes to (n, 28, 28, 1) float32 in parallel with tf.data."""
-    decoded = tf.data.Dataset.from_tensor_slices(pngs).map(
-        lambda png: tf.io.decode_png(png, channels=1),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    batches = decoded.batch(_DECODE_BATCH).map(
-        _to_unit_square, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    try:
-        return np.concatenate([batch.numpy() for batch in batches])
-    except tf.errors.InvalidArgumentError as error:
-        message = re.sub(r"\{\{.*?\}\}\s*", "", error.message).splitlines()[0]  # drop TF's node tag
-        raise DataError(f"{source}: an image does not decode as PNG ({message})") from error
+    """Decodes PNG bytes to (n, 28, 28, 1) float32 in parallel with tf.data.
 
-
-def _to_unit_square(images: tf.Tensor) -> tf.Tensor:
-    """uint8 (n, H, W, 1) to float32 (n, 28, 28, 1) in [0, 1].
-
-    'area' makes each output pixel the mean of the input pixels it covers: a
-    convex combination, so values stay in [0, 1] without the ringing of
-    lanczos or bicubic, and thin pen strokes survive the 3.75x reduction that
-    plain bilinear (4 input pixels per output pixel) would partly skip.
+    Through image_decoding.py, as the exported model decodes a file it is given.
     """
-    images = tf.cast(images, tf.float32) / 255.0
-    return tf.image.resize(images, (IMAGE_SIZE, IMAGE_SIZE), method="area")
+    decoded = tf.data.Dataset.from_tensor_slices(pngs).map(
+        lambda png: decode_image(png, IMAGE_SHAPE),
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    try:
+        return np.concatenate([batch.numpy() for batch in decoded.batch(_DECODE_BATCH)])
+    except tf.errors.InvalidArgumentError as error:
+        raise DataError(f"{source}: an image does not decode as PNG "
+                        f"({tensorflow_error_text(error)})") from error
 
 
 def _load_from_tfds(data_dir: pathlib.Path) -> ClassImages:
@@ -154,9 +146,8 @@ def _load_from_tfds(data_dir: pathlib.Path) -> ClassImages:
     try:
         splits, info = tfds.load("omniglot", split=["train", "test"], with_info=True)
     except Exception as error:  # TFDS fails in many ways offline; name what was tried.
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"{data_dir}: no Omniglot zips or folders, and TFDS 'omniglot' "
-                        f"failed to load ({first_line})") from error
+                        f"failed to load ({tensorflow_error_text(error)})") from error
     alphabet_names = info.features["alphabet"].names
     arrays, names = [], []
     for part, split in zip(PARTS, splits):
@@ -177,7 +168,7 @@ def _decode_tfds_split(split: tf.data.Dataset) -> tuple[np.ndarray, ...]:
         return (gray, example["label"], example["alphabet"], example["alphabet_char_id"])
 
     batches = split.map(convert, num_parallel_calls=tf.data.AUTOTUNE).batch(_DECODE_BATCH)
-    batches = batches.map(lambda gray, *ids: (_to_unit_square(gray), *ids),
+    batches = batches.map(lambda gray, *ids: (resized_to_unit_range(gray, IMAGE_SHAPE[:2]), *ids),
                           num_parallel_calls=tf.data.AUTOTUNE)
     columns = zip(*[[tensor.numpy() for tensor in batch] for batch in batches])
     return tuple(np.concatenate(column) for column in columns)
@@ -192,7 +183,7 @@ def split_classes(num_background: int, num_classes: int, scheme: str = "mamlpp",
                   seed: int = 0) -> dict[str, np.ndarray]:
     """Divides class indices 0..num_classes-1 into disjoint train/val/test sets.
 
-    Schemes:
+    Each split gets `omniglot_splits.split_sizes(scheme, ...)` classes:
       mamlpp: as the MAML++ reference code (Antoniou et al. 2019): all classes
         shuffled, then 1150 train, 50 validation, the rest (423) test.
       lake: background classes shuffled, the last 50 of them validation (914
@@ -204,25 +195,22 @@ def split_classes(num_background: int, num_classes: int, scheme: str = "mamlpp",
     Args:
       num_background: classes from images_background (the first ones).
       num_classes: all classes.
-      scheme: "mamlpp" or "lake" (the --omniglot_split flag).
+      scheme: "mamlpp" or "lake" (the omniglot_split setting).
       seed: seed of the shuffle.
 
     Returns:
       {"train", "val", "test"} to sorted int64 class indices.
+
+    Raises:
+      ConfigError: as `omniglot_splits.split_sizes`.
     """
+    sizes = split_sizes(scheme, num_background, num_classes)
     random = np.random.RandomState(seed)
     if scheme == "mamlpp":
-        if num_classes <= 1200:
-            raise ValueError(f"--omniglot_split=mamlpp needs over 1200 classes, got {num_classes}")
         order = random.permutation(num_classes)
-        splits = {"train": order[:1150], "val": order[1150:1200], "test": order[1200:]}
-    elif scheme == "lake":
-        if not 50 < num_background < num_classes:
-            raise ValueError(f"--omniglot_split=lake needs over 50 background classes and some "
-                             f"evaluation ones, got {num_background} of {num_classes}")
-        order = random.permutation(num_background)
-        splits = {"train": order[:-50], "val": order[-50:],
-                  "test": np.arange(num_background, num_classes)}
-    else:
-        raise ValueError(f"--omniglot_split={scheme!r} is not one of 'mamlpp', 'lake'")
-    return {name: np.sort(indices).astype(np.int64) for name, indices in splits.items()}
+    else:  # lake: the evaluation classes, unshuffled, are the test split
+        order = np.concatenate([random.permutation(num_background),
+                                np.arange(num_background, num_classes)])
+    ends = np.cumsum(list(sizes.values()))
+    return {name: np.sort(order[end - size:end]).astype(np.int64)
+            for (name, size), end in zip(sizes.items(), ends)}

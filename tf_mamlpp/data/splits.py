@@ -65,7 +65,7 @@ def load_splits(config):
     logging.info("%s: %s classes, %.2f GiB decoded, %s.", config.data_dir,
                  "/".join(str(files.num_classes) for files in splits.values()), size / GIB,
                  "held in memory" if in_memory else
-                 f"read from the cache as needed (over --in_memory_limit_gb="
+                 f"read from the cache as needed (over in_memory_limit_gb="
                  f"{config.in_memory_limit_gb:g})")
     directory = decoded_images.cache_dir(config.data_dir, config.image_size, config.channels)
     return {name: decoded_images.load_split(files, config.image_size, config.channels,

@@ -34,46 +34,26 @@ convolution. tests/test_batch_norm_kernel.py checks all of it against
 TensorFlow's own second derivatives. A third derivative is not provided
 (MAML needs two).
 
-Inside `tensorflow_derivatives()` this kernel and max_pool_kernel.py's are
-built from TensorFlow's ops and registered gradients instead, for graphs that
-must hold no custom gradient: exports (see export.py).
+On the plain path (`tf_mamlpp.ops.plain_tensorflow()`) the outputs are the
+fused kernel's with TensorFlow's registered derivatives, and the statistics
+plain reductions. The fused kernels have no float64 version, so in float64,
+on either path, batch norm is `moments` then `normalise`: element-wise ops
+that TensorFlow differentiates to any order. Normalising with running
+statistics (`batch_norm_inference`) needs no custom gradient: the fused
+inference kernel, or in float64 `normalise`.
 """
 
-import contextlib
-import contextvars
 import functools
 
 import numpy as np
 import tensorflow as tf
 
+from tf_mamlpp.ops import uses_plain_tensorflow
+
 # Name scopes of the derivative ops, which GradientTape's naming does not
 # reach inside custom gradients; benchmarks/profile_meta_step.py reads them.
 FIRST_DERIVATIVE_SCOPE = "batch_norm_first_derivative"
 SECOND_DERIVATIVE_SCOPE = "batch_norm_second_derivative"
-
-_TENSORFLOW_DERIVATIVES = contextvars.ContextVar("tensorflow_derivatives", default=False)
-
-
-@contextlib.contextmanager
-def tensorflow_derivatives():
-    """Functions traced inside it build both kernels without custom gradients.
-
-    A SavedModel keeps a custom gradient but not the one nested in it (the
-    closed-form second derivatives are nested in the first), so a model
-    exported with them warns on every load, once per function, that a
-    gradient may fail. Serving adapts to first order only and needs neither.
-    It acts when a function is traced, not when it runs.
-    """
-    token = _TENSORFLOW_DERIVATIVES.set(True)
-    try:
-        yield
-    finally:
-        _TENSORFLOW_DERIVATIVES.reset(token)
-
-
-def uses_tensorflow_derivatives():
-    """Whether a kernel built now is to be differentiated by TensorFlow (see above)."""
-    return _TENSORFLOW_DERIVATIVES.get()
 
 
 @tf.autograph.experimental.do_not_convert  # AutoGraph would drop the custom gradients
@@ -81,22 +61,25 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
     """Normalises NHWC `inputs` with their batch statistics.
 
     Args:
-      inputs: (N, H, W, C) float32, float16 or bfloat16 activations.
-      gamma, beta: (C,) float32 scale and offset.
+      inputs: (N, H, W, C) float32, float16 or bfloat16 activations, or
+        float64 with float64 `gamma` and `beta`.
+      gamma, beta: (C,) scale and offset in the variables' dtype, float32 or
+        float64.
       epsilon: Python float added to the variance before its square root.
 
     Returns:
       (outputs, mean, variance): outputs like `inputs`; the batch mean and the
-      biased batch variance per channel that normalised them, float32. All
-      three carry gradients: a target batch normalised with a support set's
-      statistics reaches the support pass through them. The statistics'
-      gradient is first order only (the outer tape takes it).
+      biased batch variance per channel that normalised them, in `gamma`'s
+      dtype. All three carry gradients: a target batch normalised with a
+      support set's statistics reaches the support pass through them. Through
+      the closed forms the statistics' gradient is first order only (the
+      outer tape takes it).
     """
-    if uses_tensorflow_derivatives():
+    if uses_plain_tensorflow() or not _has_fused_kernel(inputs, gamma):
         return _differentiated_by_tensorflow(inputs, gamma, beta, epsilon)
 
     @tf.custom_gradient
-    def normalise(inputs, gamma, beta):
+    def fused_batch_norm(inputs, gamma, beta):
         empty = tf.constant([], tf.float32)
         outputs, mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
             x=inputs, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
@@ -128,22 +111,71 @@ def batch_norm_training(inputs, gamma, beta, epsilon):
 
         return (dx, dg, db), second_derivative
 
-    return normalise(inputs, gamma, beta)
+    return fused_batch_norm(inputs, gamma, beta)
 
 
 def _differentiated_by_tensorflow(inputs, gamma, beta, epsilon):
     """The same normalisation with TensorFlow's derivatives, exact to any order.
 
     FusedBatchNormV3's registered gradient ignores its statistics outputs, so
-    the statistics are plain reductions.
+    the statistics are plain reductions; in float64, which it has no kernel
+    for, so is the normalisation.
     """
+    mean, variance = moments(inputs, [0, 1, 2], gamma.dtype)
+    if not _has_fused_kernel(inputs, gamma):
+        return normalise(inputs, mean, variance, gamma, beta, epsilon), mean, variance
     empty = tf.constant([], tf.float32)
     outputs = tf.raw_ops.FusedBatchNormV3(
         x=inputs, scale=gamma, offset=beta, mean=empty, variance=empty, epsilon=epsilon,
         is_training=True)[0]
-    x = _to_float32(inputs)
-    mean = tf.reduce_mean(x, axis=[0, 1, 2])
-    return outputs, mean, tf.reduce_mean(tf.square(x - mean), axis=[0, 1, 2])
+    return outputs, mean, variance
+
+
+def batch_norm_inference(inputs, mean, variance, gamma, beta, epsilon):
+    """Normalises NHWC `inputs` with given statistics, a running bank's.
+
+    Args:
+      inputs: (N, H, W, C) activations, as for `batch_norm_training`.
+      mean, variance, gamma, beta: (C,), in the variables' dtype.
+      epsilon: Python float added to the variance before its square root.
+
+    Returns:
+      outputs like `inputs`, differentiated by TensorFlow on either path.
+    """
+    if not _has_fused_kernel(inputs, gamma):
+        return normalise(inputs, mean, variance, gamma, beta, epsilon)
+    return tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=epsilon,
+        is_training=False)[0]
+
+
+def moments(inputs, axes, dtype, keepdims=False):
+    """Mean and biased variance over `axes`, in `dtype`, differentiable to any order.
+
+    tf.nn.moments stops the gradient through the mean inside the variance,
+    which is exact to first order only.
+    """
+    inputs = tf.cast(inputs, dtype)
+    mean = tf.reduce_mean(inputs, axis=axes, keepdims=True)
+    variance = tf.reduce_mean(tf.square(inputs - mean), axis=axes, keepdims=keepdims)
+    return (mean if keepdims else tf.squeeze(mean, axes)), variance
+
+
+def normalise(inputs, mean, variance, gamma, beta, epsilon):
+    """gamma * (inputs - mean) / sqrt(variance + epsilon) + beta, in `gamma`'s dtype, cast back.
+
+    Element-wise ops: the gradient reaches the statistics too, and hence the
+    pass they came from.
+    """
+    scale = gamma * tf.math.rsqrt(variance + epsilon)
+    outputs = (tf.cast(inputs, gamma.dtype) - mean) * scale + beta
+    return tf.cast(outputs, inputs.dtype)
+
+
+def _has_fused_kernel(inputs, gamma):
+    """Whether FusedBatchNormV3 runs on these dtypes: float32 statistics with float32 or
+    16-bit inputs; float64 it has no kernel for."""
+    return tf.float64 not in (inputs.dtype, gamma.dtype)
 
 
 def _positions(x):

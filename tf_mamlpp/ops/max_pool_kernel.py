@@ -22,14 +22,15 @@ TensorFlow's:
 The slope for negative inputs is 0.01, the reference code's F.leaky_relu
 default. The forward pass is TensorFlow's. tests/test_max_pool_kernel.py
 checks both derivatives against TensorFlow's, ties included. A third
-derivative is not provided (MAML needs two). Inside batch_norm_kernel.tensorflow_derivatives() it is the plain ops,
-differentiated by TensorFlow.
+derivative is not provided (MAML needs two). On the plain path
+(`tf_mamlpp.ops.plain_tensorflow()`) it is the plain ops, differentiated by
+TensorFlow.
 """
 
 import tensorflow as tf
 from tensorflow.python.ops import gen_nn_ops
 
-from tf_mamlpp.ops.batch_norm_kernel import uses_tensorflow_derivatives
+from tf_mamlpp.ops import uses_plain_tensorflow
 
 WINDOW = [1, 2, 2, 1]  # NHWC: 2x2 windows, stride 2
 NEGATIVE_SLOPE = 0.01
@@ -45,7 +46,7 @@ def leaky_relu_max_pool_2x2(inputs, negative_slope=NEGATIVE_SLOPE):
 
     `negative_slope` 0 is the plain ReLU.
     """
-    if uses_tensorflow_derivatives():
+    if uses_plain_tensorflow():
         return tf.nn.max_pool2d(tf.nn.leaky_relu(inputs, negative_slope), 2, 2, "VALID")
 
     def activation_gradient(gradients, pooled):

@@ -1,82 +1,165 @@
-"""The resolved configuration of a run, and the paper's defaults per dataset.
+"""The configuration of a run: every setting, with its meaning, defaults and constraint.
 
-Flags left unset take the value that Antoniou et al. (2019) use for the
-dataset; the resolved configuration is logged at start and saved with the run,
-so a run records exactly what it did.
+`ExperimentConfig` is the single list of settings. Each field carries, in its
+metadata (see `setting`), what the rest of the project needs to know about it:
+main.py makes its flags from them (config_flags.py), preflight.py checks the
+constraints, a run directory refuses checkpoints whose architecture fields
+differ, and `resolve` fills in the value that Antoniou et al. (2019) use for
+the dataset where the user gave none. The resolved configuration is logged at
+start and saved with the run, so a run records exactly what it did.
 """
 
 import dataclasses
 import json
 import os
+import types
 
+from tf_mamlpp.config_error import ConfigError
+from tf_mamlpp.core.batch_norm_modes import MODES as BN_MODES
+from tf_mamlpp.data.image_folders import DEFAULT_SPLIT_RATIOS
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The data shipped with the project, found wherever the command is run from.
-SHIPPED_DATA = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "datasets")
+SHIPPED_DATA = os.path.join(REPOSITORY, "datasets")
 
-# Per-dataset settings of the paper (section 5) and its reference implementation.
-# Mini-ImageNet cannot be shipped (ImageNet's licence): its data_dir is where
-# a user is told to put it. "folder" (any folder of class folders) takes the
-# paper's natural-image settings, with the channels read from the images
-# (None) and no data_dir (--data_dir is required).
-PAPER_DEFAULTS = {
-    "omniglot": {"filters": 64, "batch_size": 8, "query": 1, "inner_lr": 0.1,
-                 "image_size": 28, "channels": 1, "augment": True,
-                 "data_dir": os.path.join(SHIPPED_DATA, "omniglot")},
-    "mini_imagenet": {"filters": 48, "batch_size": 2, "query": 15, "inner_lr": 0.01,
-                      "inner_steps": 5, "image_size": 84, "channels": 3, "augment": False,
-                      "data_dir": os.path.join(SHIPPED_DATA, "mini_imagenet")},
-    "folder": {"filters": 48, "batch_size": 2, "query": 15, "inner_lr": 0.01,
-               "inner_steps": 5, "image_size": 84, "channels": None, "augment": False,
-               "data_dir": None},
-}
+# "folder" is any folder of class folders: it takes the paper's natural-image
+# settings, with the channels read from the images and no default data_dir.
+DATASETS = ("omniglot", "mini_imagenet", "folder")
+DEFAULT_DATASET = "omniglot"
 
-# Settings that change the network, the task or what an iteration count means,
-# so a checkpoint of one run cannot continue under another. Mixed precision
-# adds the loss scale to the checkpoint and changes the arithmetic of training.
-ARCHITECTURE_FIELDS = ("dataset", "way", "shot", "filters", "num_stages", "inner_steps",
-                       "image_size", "channels", "bnrs", "bnwb", "lslr", "iters_per_epoch",
-                       "batch_size", "mixed_precision", "bn_mode")
+# Constraints of a setting (besides a tuple of the values allowed).
+POSITIVE = "positive"
+NON_NEGATIVE = "non-negative"
+
+
+def setting(default=None, *, help_text, architecture=False, constraint=None, per_dataset=None,
+            command_line=True):
+    """A field of ExperimentConfig, described for the command line and the checks.
+
+    Args:
+      default: the value on every dataset (see `per_dataset`); None only where
+        `help_text` says what an unset value means.
+      help_text: what the setting does, as --help shows it; the command line
+        adds the default, so the text states it only where it is None.
+      architecture: a checkpoint of one run cannot continue under another
+        value (it changes the network, the task or what an iteration means).
+      constraint: POSITIVE, NON_NEGATIVE or a tuple of the allowed values;
+        None, an unset value, always passes.
+      per_dataset: dataset -> the paper's value (section 5 and the reference
+        code), where it depends on the dataset; the field's own default is
+        then Omniglot's.
+      command_line: whether main.py makes a flag of it.
+    """
+    if per_dataset is not None:
+        default = per_dataset[DEFAULT_DATASET]
+    return dataclasses.field(default=default, metadata={
+        "help": help_text, "architecture": architecture, "constraint": constraint,
+        "per_dataset": per_dataset, "command_line": command_line})
 
 
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
-    """Everything a run depends on; see main.py's flags for each field's meaning."""
+    """Everything a run depends on; each field's metadata says what it means."""
 
-    dataset: str = "omniglot"
-    data_dir: str = "datasets/omniglot"
-    omniglot_split: str = "mamlpp"
-    way: int = 5
-    shot: int = 1
-    query: int = 1
-    batch_size: int = 8
-    image_size: int = 28
-    channels: int = 1
-    augment: bool = True
-    split_ratios: str | None = None
-    in_memory_limit_gb: float = 4.0
-    filters: int = 64
-    num_stages: int = 4
-    inner_steps: int = 5
-    eval_inner_steps: int = 5
-    inner_lr: float = 0.1
-    meta_lr: float = 1e-3
-    min_meta_lr: float = 1e-5
-    epochs: int = 100
-    iters_per_epoch: int = 500
-    msl: bool = True
-    msl_epochs: int = 10
-    da: bool = True
-    first_order_epochs: int = 50
-    second_order: bool = True
-    bnrs: bool = True
-    bnwb: bool = True
-    lslr: bool = True
-    ca: bool = True
-    bn_mode: str = "transductive"
-    val_tasks: int = 600
-    test_tasks: int = 600
-    seed: int = 0
-    mixed_precision: bool = False
+    dataset: str = setting(
+        DEFAULT_DATASET, architecture=True, command_line=False,
+        help_text=f"Dataset name, one of {', '.join(DATASETS)}; picks the per-dataset defaults.")
+    data_dir: str | None = setting(
+        per_dataset=dict(omniglot=os.path.join(SHIPPED_DATA, "omniglot"),
+                         mini_imagenet=os.path.join(SHIPPED_DATA, "mini_imagenet"), folder=None),
+        help_text="Folder of the dataset's files; required for --dataset=folder. Omniglot is "
+                  "shipped in its default folder (and fetched by tensorflow-datasets without "
+                  "it); mini-ImageNet must be put in its own.")
+    omniglot_split: str = setting(
+        "mamlpp", constraint=("mamlpp", "lake"),
+        help_text="Class split: mamlpp (1150/50/423 of all 1623 characters, as the paper) or "
+                  "lake (background alphabets for training and validation, evaluation "
+                  "alphabets for test).")
+    way: int = setting(5, architecture=True, constraint=POSITIVE,
+                       help_text="Classes per task (N).")
+    shot: int = setting(1, architecture=True, constraint=POSITIVE,
+                        help_text="Support images per class (K).")
+    query: int = setting(per_dataset=dict(omniglot=1, mini_imagenet=15, folder=15),
+                         constraint=POSITIVE, help_text="Target images per class.")
+    batch_size: int = setting(per_dataset=dict(omniglot=8, mini_imagenet=2, folder=2),
+                              architecture=True, constraint=POSITIVE,
+                              help_text="Tasks per meta-batch.")
+    image_size: int = setting(per_dataset=dict(omniglot=28, mini_imagenet=84, folder=84),
+                              architecture=True, constraint=POSITIVE,
+                              help_text="Side of the square images the files are resized to.")
+    channels: int | None = setting(
+        per_dataset=dict(omniglot=1, mini_imagenet=3, folder=None), architecture=True,
+        constraint=(1, 3),
+        help_text="1 (grayscale) or 3 (RGB); images are converted to it. Unset on folder: "
+                  "read from the images.")
+    augment: bool = setting(per_dataset=dict(omniglot=True, mini_imagenet=False, folder=False),
+                            help_text="Rotate training classes by multiples of 90 degrees, as "
+                                      "the paper.")
+    split_ratios: str | None = setting(
+        help_text="--dataset=folder with no train/val/test: fractions train,val,test of its "
+                  f"classes (a fixed shuffle). Default {DEFAULT_SPLIT_RATIOS}.")
+    in_memory_limit_gb: float = setting(
+        4.0, constraint=NON_NEGATIVE,
+        help_text="Folder data sets whose decoded images take more GiB than this are read "
+                  "from the on-disk cache as episodes need them instead of held in memory.")
+    filters: int = setting(per_dataset=dict(omniglot=64, mini_imagenet=48, folder=48),
+                           architecture=True, constraint=POSITIVE,
+                           help_text="Filters of each conv stage.")
+    num_stages: int = setting(4, architecture=True, constraint=POSITIVE, command_line=False,
+                              help_text="Conv stages, each of which halves the image.")
+    inner_steps: int = setting(per_dataset=dict(omniglot=5, mini_imagenet=5, folder=5),
+                               architecture=True, constraint=POSITIVE,
+                               help_text="Inner-loop steps in training.")
+    eval_inner_steps: int | None = setting(
+        constraint=POSITIVE,
+        help_text="Inner-loop steps at validation and test; steps past --inner_steps reuse "
+                  "the last step's BN banks and rates. Default: --inner_steps.")
+    inner_lr: float = setting(per_dataset=dict(omniglot=0.1, mini_imagenet=0.01, folder=0.01),
+                              help_text="Initial inner learning rate (every layer and step).")
+    meta_lr: float = setting(1e-3, constraint=POSITIVE,
+                             help_text="Adam learning rate at the start.")
+    min_meta_lr: float = setting(1e-5, help_text="Learning rate that cosine annealing ends at.")
+    epochs: int = setting(100, constraint=POSITIVE, help_text="Training epochs.")
+    iters_per_epoch: int = setting(500, architecture=True, constraint=POSITIVE,
+                                   help_text="Meta-iterations per epoch.")
+    msl: bool = setting(True, help_text="MSL: multi-step loss, annealed over --msl_epochs.")
+    msl_epochs: int = setting(10, constraint=NON_NEGATIVE,
+                              help_text="Epochs after which only the last step's loss counts.")
+    da: bool = setting(True, help_text="DA: derivative-order annealing, first order for "
+                                       "--first_order_epochs epochs.")
+    first_order_epochs: int = setting(50, constraint=NON_NEGATIVE,
+                                      help_text="Epochs of first-order training under DA.")
+    second_order: bool = setting(True, help_text="Use second-order meta-gradients (after the DA "
+                                                 "epochs); false trains first order throughout.")
+    bnrs: bool = setting(True, architecture=True,
+                         help_text="BNRS: per-step batch-norm running statistics.")
+    bnwb: bool = setting(True, architecture=True,
+                         help_text="BNWB: per-step batch-norm weights and biases.")
+    lslr: bool = setting(True, architecture=True,
+                         help_text="LSLR: learned per-layer, per-step inner learning rates.")
+    ca: bool = setting(True, help_text="CA: cosine annealing of the meta learning rate.")
+    bn_mode: str = setting(
+        "transductive", architecture=True, constraint=BN_MODES,
+        help_text="Batch norm of the target (query) pass, in meta-training and evaluation "
+                  "alike: transductive (each batch by its own statistics, as the reference "
+                  "code; exported models then normalise queries by the support set's), support "
+                  "(MetaBN: the support set's statistics at the same weights), task_norm "
+                  "(TaskNorm-I: support and per-image moments blended by a learned weight) or "
+                  "running (BNRS: the per-step running banks).")
+    val_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed validation tasks.")
+    test_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed test tasks.")
+    seed: int = setting(0, help_text="Seed of the initialisation and the task streams.")
+    # Mixed precision adds the loss scale to the checkpoint and changes the arithmetic.
+    mixed_precision: bool = setting(
+        False, architecture=True,
+        help_text="Meta-train in 16 bits (float16 on a GPU, bfloat16 on a CPU) with float32 "
+                  "variables and a dynamic loss scale on the inner and outer losses; "
+                  "validation, test and the export stay float32.")
+
+    def __post_init__(self):
+        if self.eval_inner_steps is None:
+            # Evaluation takes as many steps as training unless told otherwise.
+            object.__setattr__(self, "eval_inner_steps", self.inner_steps)
 
     @property
     def total_iterations(self):
@@ -91,24 +174,41 @@ class ExperimentConfig:
 
     def architecture_differences(self, other):
         """Names of the fields that make `other`'s checkpoints unusable by this run."""
-        return [name for name in ARCHITECTURE_FIELDS
-                if getattr(self, name) != getattr(other, name)]
+        return [field.name for field in dataclasses.fields(self)
+                if field.metadata["architecture"]
+                and getattr(self, field.name) != getattr(other, field.name)]
+
+
+def value_type(field):
+    """bool, int, float or str: the type of the field's values other than None."""
+    if isinstance(field.type, types.UnionType):
+        (non_none,) = [member for member in field.type.__args__ if member is not type(None)]
+        return non_none
+    return field.type
+
+
+def command_line_fields():
+    """The fields that main.py makes a flag of."""
+    return [field for field in dataclasses.fields(ExperimentConfig)
+            if field.metadata["command_line"]]
 
 
 def resolve(dataset, **overrides):
     """Builds a config from the dataset's paper defaults and explicit values.
 
     Args:
-      dataset: a key of PAPER_DEFAULTS.
-      **overrides: field values; None means "the paper's default".
+      dataset: one of DATASETS.
+      **overrides: field values; None means "the paper's default" (or, for a
+        field with no per-dataset default, the field's own).
 
     Raises:
-      ValueError: for an unknown dataset, naming --dataset.
+      ConfigError: for an unknown dataset, naming `dataset`.
     """
-    if dataset not in PAPER_DEFAULTS:
-        raise ValueError(
-            f"--dataset={dataset!r} is unknown; choose one of {', '.join(sorted(PAPER_DEFAULTS))}")
-    values = {**PAPER_DEFAULTS[dataset],
-              **{name: value for name, value in overrides.items() if value is not None}}
-    values.setdefault("eval_inner_steps", values.get("inner_steps", ExperimentConfig.inner_steps))
+    if dataset not in DATASETS:
+        raise ConfigError(f"dataset={dataset!r} is unknown; choose one of {', '.join(DATASETS)}",
+                          "dataset")
+    values = {field.name: field.metadata["per_dataset"][dataset]
+              for field in dataclasses.fields(ExperimentConfig)
+              if field.metadata["per_dataset"] is not None}
+    values.update({name: value for name, value in overrides.items() if value is not None})
     return ExperimentConfig(dataset=dataset, **values)

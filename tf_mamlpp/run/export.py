@@ -21,18 +21,13 @@ Signatures (`serving_default` is `adapt_and_predict`):
 `model.way[0]` and `model.image_shape[0]` hold the number of classes and
 (h, w, c).
 
-Images for the float signatures are prepared as training prepared its own:
-1. decoded to 8-bit RGB (alpha dropped, not blended; a GIF's first frame);
-2. for a one-channel model, made grayscale by tf.image.rgb_to_grayscale
-   (0.2989 R + 0.5870 G + 0.1140 B, back to 8 bits as
-   tf.image.convert_image_dtype does; a grayscale file comes back unchanged);
-3. divided by 255 to [0, 1] and never inverted: white is 1, and Omniglot's
-   strokes are dark on a background of 1;
-4. stretched to (h, w) whatever the aspect ratio, by tf.image.resize with
-   method="area": each pixel the mean of those it covers.
-A model trained on image folders (`rounded_to_uint8`) instead saw step 4
-before step 3 and rounded to 8 bits between them: its training images were
-kept as uint8 (decoded_images.py). Omniglot's were not rounded.
+Images for the float signatures are prepared as training prepared its own,
+and the file signature prepares them so, with image_decoding.decode_image:
+8-bit RGB made grayscale for a one-channel model by tf.image.rgb_to_grayscale,
+divided by 255 to [0, 1] (never inverted: Omniglot's white background is 1),
+and stretched to (h, w) by tf.image.resize with method="area". A model
+trained on image folders (`rounded_to_uint8`) was trained on images resized
+first and rounded to 8 bits before the division (image_decoding.py).
 """
 
 import os
@@ -45,8 +40,8 @@ import tensorflow as tf
 
 from tf_mamlpp.core.batch_norm_modes import SERVING_MODES
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
-from tf_mamlpp.data.decoded_images import decode_resized
-from tf_mamlpp.ops.batch_norm_kernel import tensorflow_derivatives
+from tf_mamlpp.data.image_decoding import decode_image
+from tf_mamlpp.ops import plain_tensorflow
 
 # The first is also `serving_default`, the one TensorFlow Serving needs.
 SIGNATURES = ("adapt_and_predict", "adapt_and_predict_files", "embed")
@@ -56,20 +51,13 @@ class ExportError(ValueError):
     """The export directory cannot be written without losing something."""
 
 
-def decode_image(contents, image_shape, rounded_to_uint8=False):
-    """One image file's contents as float32 (h, w, c) in [0, 1], prepared as above.
+def decode_files(contents, image_shape, rounded_to_uint8=False):
+    """The file signature's decoding: (n,) image files' contents -> float32 (n, h, w, c).
 
-    `rounded_to_uint8` takes decoded_images.py's path, the one image folders
-    were trained through; otherwise Omniglot's (omniglot.py).
+    Each file as `image_decoding.decode_image` decodes it, the way training did.
     """
-    height, width, channels = image_shape
-    if rounded_to_uint8:  # image folders' images are square
-        return tf.cast(decode_resized(contents, height, channels), tf.float32) / 255.0
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-    if channels == 1:
-        image = tf.image.rgb_to_grayscale(image)
-    image = tf.cast(image, tf.float32) / 255.0
-    return tf.image.resize(image, (height, width), method="area")
+    return tf.map_fn(lambda one: decode_image(one, image_shape, rounded_to_uint8), contents,
+                     fn_output_signature=tf.TensorSpec(image_shape, tf.float32))
 
 
 class AdaptingModel:
@@ -78,7 +66,7 @@ class AdaptingModel:
     Args:
       network: a trained `MamlppNetwork`.
       num_steps: inner steps to take on a new task.
-      rounded_to_uint8: see `decode_image`.
+      rounded_to_uint8: see `image_decoding.decode_image`.
 
     The model serves in the non-transductive mode that matches the one the
     network was trained in (`SERVING_MODES`: a transductive model normalises
@@ -113,15 +101,11 @@ class AdaptingModel:
 
     def _adapt_and_predict_files(self, support_image_bytes, support_labels, query_image_bytes):
         """`_adapt_and_predict` of image files' contents, decoded as training decoded its images."""
+        shape, rounded = self.network.image_shape, self.rounded_to_uint8
         return self._adapted_predictions(
-            self._decode(support_image_bytes), support_labels, self._decode(query_image_bytes),
-            "support_image_bytes", "query_image_bytes")
-
-    def _decode(self, contents):
-        """(n,) image files' contents -> (n, h, w, c) images."""
-        return tf.map_fn(
-            lambda one: decode_image(one, self.network.image_shape, self.rounded_to_uint8),
-            contents, fn_output_signature=tf.TensorSpec(self.network.image_shape, tf.float32))
+            decode_files(support_image_bytes, shape, rounded), support_labels,
+            decode_files(query_image_bytes, shape, rounded), "support_image_bytes",
+            "query_image_bytes")
 
     def _adapted_predictions(self, support_images, support_labels, query_images, support_name,
                              query_name):
@@ -173,13 +157,13 @@ def export(network, num_steps, export_dir, rounded_to_uint8=False):
     variables held by a tf.Module gives a SavedModel that TensorFlow 1's
     loader (TensorFlow Serving's, saved_model_cli's) cannot find variables
     in. Its functions are traced with TensorFlow's derivatives (see
-    batch_norm_kernel.tensorflow_derivatives). The model is written to a
+    tf_mamlpp.ops.plain_tensorflow). The model is written to a
     temporary folder beside `export_dir` and moved into place, so a failed
     export leaves nothing half-written.
 
     Args:
       rounded_to_uint8: whether the training images were rounded to 8 bits
-        after resizing, as image folders' are (see `decode_image`).
+        after resizing, as image folders' are (see `image_decoding.decode_image`).
 
     Raises:
       ExportError: `export_dir` exists and holds files.
@@ -191,7 +175,7 @@ def export(network, num_steps, export_dir, rounded_to_uint8=False):
     export_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=export_dir.parent))
     try:
-        with tensorflow_derivatives():
+        with plain_tensorflow():
             archive = keras.export.ExportArchive()
             archive.track(network)
             model = AdaptingModel(network, num_steps, rounded_to_uint8)

@@ -7,14 +7,13 @@ bad command never overwrites what an earlier run wrote.
 
 import contextlib
 import json
-import os
 import pathlib
-import re
 import shutil
-import tempfile
 
 import tensorflow as tf
 
+from tf_mamlpp.atomic_files import write_atomically
+from tf_mamlpp.error_text import tensorflow_error_text
 from tf_mamlpp.run.config import ExperimentConfig
 
 CONFIG = "config.json"
@@ -34,47 +33,16 @@ def experiment_name(config):
 
 
 def write_json_atomically(path, value):
-    """Writes `value` as JSON to `path` through a temporary file and a rename.
-
-    The file gets the mode `open(path, "w")` would give it, not the temporary
-    file's 0o600, so that a run's results are as readable as any other file.
-    """
-    path = pathlib.Path(path)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.",
-                                     delete=False) as temporary:
-        temporary.write(json.dumps(value, indent=2, sort_keys=True))
-    os.chmod(temporary.name, 0o666 & ~_umask())
-    os.replace(temporary.name, path)
-
-
-def _umask():
-    """The process's umask, from /proc where Linux shows it: os.umask reads it only by
-    setting it, and a file another thread creates meanwhile gets the value set (here
-    0o077, so such a file is never more open than asked)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    umask = os.umask(0o077)
-    os.umask(umask)
-    return umask
+    """Writes `value` as JSON to `path`, whole or not at all (atomic_files.py)."""
+    text = json.dumps(value, indent=2, sort_keys=True)
+    write_atomically(path, lambda file: file.write(text.encode()))
 
 
 def _reason(error):
     """Why a write failed, e.g. "File too large", from an OSError or TensorFlow's message."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
-    return _first_line(error).rsplit("; ", 1)[-1]
-
-
-def _first_line(error):
-    """An exception's message, first line only (TensorFlow's run to many)."""
-    message = getattr(error, "message", None) or str(error) or type(error).__name__
-    message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:[^\]]*\]", "", message)  # TensorFlow's op tags
-    return message.strip().splitlines()[0]
+    return tensorflow_error_text(error).rsplit("; ", 1)[-1]
 
 
 class RunDirectory:
@@ -302,15 +270,16 @@ def _restore(checkpoint, prefix, remedy, partial=False):
         status = checkpoint.read(prefix) if partial else checkpoint.restore(prefix)
     except (tf.errors.OpError, IndexError) as error:  # IndexError: a truncated data file
         raise RunDirectoryError(f"{prefix}: corrupt or truncated checkpoint "
-                                f"({_first_line(error)}); {remedy}") from error
+                                f"({tensorflow_error_text(error)}); {remedy}") from error
     except ValueError as error:  # a variable of another shape
         raise RunDirectoryError(f"{prefix}: checkpoint of another network "
-                                f"({_first_line(error)[:200]}); {remedy}") from error
+                                f"({tensorflow_error_text(error)[:200]}); {remedy}") from error
     try:
         status.assert_existing_objects_matched()
     except AssertionError as error:
         status.expect_partial()  # the error says it all; no warnings at exit
+        reason = tensorflow_error_text(error).split(". ")[0]
         raise RunDirectoryError(f"{prefix}: checkpoint of another network or program "
-                                f"({_first_line(error).split('. ')[0]}); {remedy}") from error
+                                f"({reason}); {remedy}") from error
     if partial:
         status.expect_partial()

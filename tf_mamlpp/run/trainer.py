@@ -3,6 +3,14 @@
 Reads top to bottom: set-up, data, model and optimizer, checkpoint restore,
 the loop (meta-updates, then validation and a checkpoint each epoch), and
 the final test.
+
+The loop is hand-written around `MetaLearner.meta_update`, not `Model.fit`,
+because a run resumes at the iteration, not the epoch: a stop mid-epoch
+continues the same task stream and the epoch's partial figures, so the
+history equals an uninterrupted run's (BackupAndRestore restarts the epoch).
+Validation in two batch-norm modes, the best-k checkpoints and their
+ensemble, and the 95% intervals have no Keras counterpart either. Library
+users get `fit` (see meta_learner.py).
 """
 
 import hashlib
@@ -38,8 +46,8 @@ def build_network(config):
 
 def build_optimizer(config):
     """Adam with the cosine-annealed (CA) or constant meta-learning rate."""
-    return keras.optimizers.Adam(schedules.meta_learning_rate(
-        config.meta_lr, config.min_meta_lr, config.total_iterations, config.ca))
+    return schedules.meta_optimizer(config.meta_lr, config.min_meta_lr,
+                                    config.total_iterations if config.ca else None)
 
 
 class TrainingInterrupted(Exception):
@@ -81,7 +89,10 @@ class Trainer:
             self.meta_learner = MetaLearner(
                 self.network, self.optimizer, config.batch_size, strategy=self.strategy,
                 jit_compile=jit_compile, fold_tasks=fold_tasks, loss_scale=self.loss_scale,
-                parallel_tasks=parallel_tasks)
+                parallel_tasks=parallel_tasks, schedule=schedules.Schedule(
+                    config.inner_steps, config.msl, config.msl_epochs, config.da,
+                    config.first_order_epochs, config.second_order),
+                eval_inner_steps=config.eval_inner_steps)
         # The optimizer's iteration counter is the run's position: the task
         # stream, the epoch and the schedules all follow from it.
         state = {"network": self.network, "optimizer": self.optimizer}
@@ -162,10 +173,7 @@ class Trainer:
     def train_epoch(self, epoch, tasks):
         """Runs the rest of epoch `epoch` under the schedules in force at that epoch."""
         config = self.config
-        weights = schedules.msl_weights(epoch, config.inner_steps, config.msl_epochs)
-        multi_step = schedules.multi_step_loss_active(config.msl, epoch, config.msl_epochs)
-        second_order = schedules.second_order_active(
-            config.second_order, config.da, epoch, config.first_order_epochs)
+        weights, multi_step, second_order = self.meta_learner.schedule.at(epoch)
         self._write_schedule_summaries(self.iterations_done, weights, second_order)
         first = self.iterations_done - epoch * config.iters_per_epoch
         progress = Progress(config.iters_per_epoch, f"epoch {epoch + 1}/{config.epochs}",
@@ -175,7 +183,7 @@ class Trainer:
         sums, counted = self.run_dir.read_partial_epoch(self.iterations_done) if first else ({}, 0)
         for iteration in range(first, config.iters_per_epoch):
             started = time.monotonic()
-            figures = {name: float(value) for name, value in self.meta_learner.train_step(
+            figures = {name: float(value) for name, value in self.meta_learner.meta_update(
                 next(tasks), tf.constant(weights), second_order, multi_step).items()}
             if figures.get("skipped_updates"):
                 # Mixed precision: the meta-gradient overflowed, so nothing was
