@@ -83,12 +83,15 @@ def adapt():
         print(f"{path.name}\t{class_name}\t{probability:.3f}")
 
 
-def open_run():
+def open_run(parallel_tasks):
     """The run directory and configuration this command works on."""
-    from tf_mamlpp.run import run_directory
+    from tf_mamlpp.run import precision, run_directory
     config = resolved_config()
     name = FLAGS.experiment or run_directory.experiment_name(config)
     if FLAGS.mode == "train":
+        previous = None if FLAGS.fresh else run_directory.saved_config(
+            os.path.join(FLAGS.logdir, name))
+        config = precision.settled(config, previous, parallel_tasks)
         run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh,
                                                   keep_best=FLAGS.ensemble_top_k)
         return run_dir, config
@@ -120,7 +123,6 @@ def run():
         resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
     from tf_mamlpp.run.quiet_start import start_tensorflow
     tf, gpus = start_tensorflow()
-    from tf_mamlpp.core import mixed_precision
     from tf_mamlpp.data import splits
     from tf_mamlpp.run import cpu_threads
     from tf_mamlpp.run.distribution import make_strategy
@@ -134,14 +136,12 @@ def run():
                       else FLAGS.parallel_tasks)
     cpu_threads.configure(parallel_tasks)  # before TensorFlow runs its first op
     strategy = make_strategy(FLAGS.strategy)
-    if FLAGS.mode == "train" and FLAGS.mixed_precision:
-        mixed_precision.warn_if_slow()
     tf.config.run_functions_eagerly(FLAGS.run_eagerly)
     if FLAGS.deterministic:
         tf.config.experimental.enable_op_determinism()
     if FLAGS.mode == "train":
         splits.prepare(resolved_config())  # decodes the data: a corrupt file fails before any write
-    run_dir, config = open_run()
+    run_dir, config = open_run(parallel_tasks)
     if not gpus:
         logging.info("No GPU found: running on the CPU.")
     logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())

@@ -21,11 +21,12 @@ import sys
 
 from absl import app, flags
 
-from benchmarks.measurement import cpu_description, peak_gb, run_json_child, time_step
+from benchmarks.measurement import peak_gb, run_json_child, time_step
 from benchmarks.random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
                                      config_names, random_batch)
 from benchmarks.reference_maml import check_checkout, measure as measure_reference
 from tf_mamlpp.core.batch_norm_modes import MODES as BN_MODES
+from tf_mamlpp.run.machine import cpu_description
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")

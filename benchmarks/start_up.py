@@ -11,6 +11,7 @@ run). The second meta-step, timed alone, shows what of the first was tracing.
 """
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -19,13 +20,17 @@ import time
 
 from absl import app, flags
 
-from benchmarks.measurement import cpu_description
+from tf_mamlpp.run.machine import cpu_description
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("way", 20, "Classes per task. Default 20.")
 flags.DEFINE_integer("shot", 5, "Support images per class. Default 5.")
+flags.DEFINE_enum("mixed_precision", "false", ["false", "true", "auto"],
+                  "As main.py's --mixed_precision; auto and true add the precision probe. "
+                  "Default false.")
 flags.DEFINE_float("child", None, "Internal: the parent's clock at the child's start.")
+PRECISIONS = {"false": False, "true": True, "auto": "auto"}
 
 
 def measure(started):
@@ -43,14 +48,20 @@ def measure(started):
     tf, _ = start_tensorflow()
     phase("TensorFlow start")
     from tf_mamlpp.data import splits
-    from tf_mamlpp.run import config, cpu_threads, run_directory
+    from tf_mamlpp.run import config, cpu_threads, precision, run_directory
     from tf_mamlpp.run.trainer import Trainer
     phase("tf_mamlpp modules")
-    cpu_threads.configure(cpu_threads.default_parallel_tasks())
-    resolved = config.resolve("omniglot", way=FLAGS.way, shot=FLAGS.shot)
+    parallel_tasks = cpu_threads.default_parallel_tasks()
+    cpu_threads.configure(parallel_tasks)
+    resolved = config.resolve("omniglot", way=FLAGS.way, shot=FLAGS.shot,
+                              mixed_precision=PRECISIONS[FLAGS.mixed_precision])
     splits.prepare(resolved)
     phase("Omniglot cache")
     with tempfile.TemporaryDirectory() as logdir:
+        if resolved.mixed_precision is not False:
+            os.environ["XDG_CACHE_HOME"] = logdir  # no cached probe
+            resolved = precision.settled(resolved, parallel_tasks=parallel_tasks)
+            phase(f"precision probe (--mixed_precision={FLAGS.mixed_precision}, uncached)")
         trainer = Trainer(resolved, run_directory.RunDirectory.open(logdir, "run", resolved))
         phase("trainer: splits, network, optimizer")
         tasks = iter(splits.training_tasks(resolved, trainer.splits["train"]))
@@ -69,14 +80,15 @@ def main(argv):
     if FLAGS.child is not None:
         print(json.dumps(measure(FLAGS.child)))
         return
-    command = [sys.executable, "-m", __spec__.name, f"--way={FLAGS.way}", f"--shot={FLAGS.shot}"]
+    command = [sys.executable, "-m", __spec__.name, f"--way={FLAGS.way}", f"--shot={FLAGS.shot}",
+               f"--mixed_precision={FLAGS.mixed_precision}"]
     result = subprocess.run([*command, f"--child={time.time()}"], capture_output=True, text=True,
                             cwd=REPO)
     if result.returncode != 0:
         sys.exit(result.stderr[-3000:])
     phases = json.loads(result.stdout.strip().splitlines()[-1])
-    print(f"{FLAGS.way}-way {FLAGS.shot}-shot Omniglot, first order (main.py's first epochs); "
-          f"CPU: {cpu_description()}")
+    print(f"{FLAGS.way}-way {FLAGS.shot}-shot Omniglot, first order (main.py's first epochs), "
+          f"--mixed_precision={FLAGS.mixed_precision}; CPU: {cpu_description()}")
     print("| phase | seconds |\n| --- | --- |")
     for name, seconds in phases:
         print(f"| {name} | {seconds:.2f} |")

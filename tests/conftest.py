@@ -14,6 +14,7 @@ Tests that run main.py, a benchmark or any other program import `run_main`,
 Tests that start one are marked `slow`.
 """
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -28,6 +29,12 @@ from tf_mamlpp.core.batch_norm_modes import TRANSDUCTIVE
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
 TIMEOUT = 300  # seconds; any one process or wait, on a loaded 2-core machine
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_home(tmp_path_factory):
+    """User caches (the precision probes') of this session's own, in-process and in programs."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache_home"))
 
 
 def run_command(command, timeout=TIMEOUT, cwd=REPO, **options):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from benchmarks import measurement
 from conftest import run_python
+from tf_mamlpp.run.machine import cpu_description
 
 
 @pytest.mark.parametrize("flag, named", [
@@ -25,6 +25,6 @@ def test_figures_name_their_cpu(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8481C\n"
                        "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_fp16 avx512_vnni\n")
-    description = measurement.cpu_description(cpuinfo)
+    description = cpu_description(cpuinfo)
     assert description.startswith("Intel(R) Xeon(R) Platinum 8481C, ")
     assert description.endswith(" cores, avx2 avx512f avx512_bf16 avx512_fp16")

@@ -142,6 +142,26 @@ def test_set_flags_reach_the_config():
     assert (config.bn_mode, config.meta_lr, config.filters) == ("support", 0.01, 48)
 
 
+@pytest.mark.parametrize("arguments, expected", [
+    ([], False), (["--mixed_precision"], True), (["--nomixed_precision"], False),
+    (["--mixed_precision=auto"], "auto"), (["--mixed_precision=AUTO"], "auto"),
+    (["--mixed_precision=false"], False), (["--mixed_precision=1"], True)])
+def test_mixed_precision_is_a_bool_flag_that_also_takes_auto(arguments, expected):
+    flag_values = flags.FlagValues()
+    config_flags.define_config_flags(flag_values)
+    flag_values(["main.py", *arguments])
+    resolved = resolve("omniglot", **config_flags.config_values(flag_values)).mixed_precision
+    assert resolved == expected and type(resolved) is type(expected)
+
+
+def test_mixed_precision_refuses_other_values_naming_them():
+    flag_values = flags.FlagValues()
+    config_flags.define_config_flags(flag_values)
+    with pytest.raises(flags.IllegalFlagValueError,
+                       match=r"--mixed_precision=maybe: must be true, false or auto"):
+        flag_values(["main.py", "--mixed_precision=maybe"])
+
+
 def test_every_help_text_states_the_default(parsed_flags):
     helps = {name: parsed_flags[name].help for name in parsed_flags}
     assert all("Default" in text for text in helps.values()), helps

@@ -31,8 +31,7 @@ from tf_mamlpp.core.inner_loop import adapt_and_evaluate, inner_update
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.run import config as config_module
 from tf_mamlpp.run import export
-from tf_mamlpp.core.mixed_precision import (DynamicLossScale, all_finite, compute_dtype,
-                                       cpu_has_bfloat16_units)
+from tf_mamlpp.core.mixed_precision import DynamicLossScale, all_finite, compute_dtype
 from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
 from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError
 from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer, build_network
@@ -101,9 +100,17 @@ RUN = ["--mixed_precision", "--way=3", "--shot=1", "--inner_steps=1", "--filters
 
 
 def train_then_resume(logdir):
-    """`main.py --mixed_precision` for one epoch, then the same command for a second."""
+    """`main.py --mixed_precision` for one epoch, then with `--mixed_precision=auto` for a second."""
     return {"first": run_main(f"--logdir={logdir}", *RUN, "--epochs=1"),
-            "second": run_main(f"--logdir={logdir}", *RUN, "--epochs=2"),
+            "second": run_main(f"--logdir={logdir}", *RUN, "--epochs=2",
+                               "--mixed_precision=auto"),
+            "run_dir": logdir / "run"}
+
+
+def train_auto(logdir):
+    """`main.py --mixed_precision=auto` for one epoch of a new run."""
+    return {"process": run_main(f"--logdir={logdir}", *RUN, "--epochs=1",
+                                "--mixed_precision=auto"),
             "run_dir": logdir / "run"}
 
 
@@ -115,6 +122,7 @@ def processes(request, tmp_path_factory):
         return
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
     futures = {"run": pool.submit(train_then_resume, tmp_path_factory.mktemp("runs")),
+               "auto": pool.submit(train_auto, tmp_path_factory.mktemp("auto")),
                "mirrored": pool.submit(run_python, "-c", MIRRORED_SCRIPT)}
     yield futures
     pool.shutdown(wait=True)
@@ -352,18 +360,6 @@ def test_a_mixed_precision_trainer_computes_in_bfloat16_on_a_cpu_and_float16_on_
             expected}, kind
 
 
-@pytest.mark.parametrize("flags, expected", [
-    ("fpu avx2 avx512f avx512_bf16 avx512_vnni", True),
-    ("fpu sse amx_bf16 amx_tile", True),
-    ("fpu sse avx2 avx512f avx512bw", False),
-])
-def test_bfloat16_units_are_read_off_the_cpu_flags(tmp_path, flags, expected):
-    cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-    assert cpu_has_bfloat16_units(cpuinfo) is expected
-    assert cpu_has_bfloat16_units(tmp_path / "absent") is False
-
-
 @pytest.mark.slow
 def test_the_xla_compiled_second_order_step_matches_the_plain_one_in_float16():
     """--jit_compile with --mixed_precision, second order: XLA has float16 kernels for
@@ -400,6 +396,9 @@ def scalars(run_dir, tag):
 def test_main_trains_resumes_and_continues_the_loss_scale(run):
     assert f"the meta-step computes in {compute_dtype().name}" in run["first"].stderr
     assert "Resuming at epoch 2, iteration 1." in run["second"].stderr
+    # auto keeps a resumed run's precision, unprobed.
+    assert (f"--mixed_precision=auto: the run continues in 16 bits ({compute_dtype().name}), "
+            "as it began.") in run["second"].stderr
     run_dir = run["run_dir"]
     assert json.loads((run_dir / "config.json").read_text())["mixed_precision"] is True
     history = json.loads((run_dir / "history.json").read_text())
@@ -425,6 +424,17 @@ def test_main_trains_resumes_and_continues_the_loss_scale(run):
                                   "loss_scale/scale/.ATTRIBUTES/VARIABLE_VALUE") == scales[4]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["test_tasks"] == 4
+
+
+@pytest.mark.slow
+def test_auto_picks_a_precision_for_a_new_run_and_logs_why(processes):
+    auto = processes["auto"].result()
+    assert auto["process"].returncode == 0, auto["process"].stderr[-3000:]
+    (line,) = [line for line in auto["process"].stderr.splitlines()
+               if "--mixed_precision=auto: a probe meta-step took" in line]
+    mixed = json.loads((auto["run_dir"] / "config.json").read_text())["mixed_precision"]
+    assert line.endswith(f"meta-training in {'16 bits' if mixed else 'float32'}"
+                         f"{f' ({compute_dtype().name})' if mixed else ''}.")
 
 
 @pytest.mark.slow

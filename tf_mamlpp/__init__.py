@@ -15,6 +15,7 @@ _HOMES = {
     # The learners and the method.
     "MamlppNetwork": "tf_mamlpp.core.network",
     "KerasBackbone": "tf_mamlpp.core.keras_backbone",
+    "FastWeightsModel": "tf_mamlpp.core.fast_weights",
     "MetaLearner": "tf_mamlpp.core.meta_learner",
     "FollowSchedule": "tf_mamlpp.core.meta_learner",
     "meta_step": "tf_mamlpp.core.meta_step",

@@ -100,7 +100,7 @@ def adapt(network, support_images, support_labels, num_steps, second_order=False
     """Adapts the network's initialisation to each task's support set.
 
     Args:
-      network: a learner with the fast-weights protocol (see network.py).
+      network: a `FastWeightsModel` (see fast_weights.py).
       support_images: (tasks, way*shot, h, w, c).
       support_labels: (tasks, way*shot) int32.
       num_steps: inner steps to take.
@@ -135,7 +135,7 @@ def adapt_and_evaluate(network, tasks, num_steps, second_order, target_steps,
     """Adapts to each task's support set and scores its target set.
 
     Args:
-      network: a learner with the fast-weights protocol (see network.py).
+      network: a `FastWeightsModel` (see fast_weights.py).
       tasks: dict with `support_images` (tasks, way*shot, h, w, c),
         `support_labels` (tasks, way*shot), `target_images`
         (tasks, way*query, h, w, c) and `target_labels` (tasks, way*query).

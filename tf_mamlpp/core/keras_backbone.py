@@ -10,9 +10,8 @@ run layer by layer with explicit fast weights:
 - any other layer (pooling, activations, Flatten, GlobalAveragePooling, Add)
   as it is.
 LSLR gets one rate per inner step for every layer with weights. The class
-implements the fast-weights protocol of network.py (`forward`,
-`initial_fast_weights`, `inner_rate`, `norms`, `update_running_statistics`),
-so the inner loop and the meta-step take it as they take `MamlppNetwork`.
+is a `FastWeightsModel` (fast_weights.py), so the inner loop and the
+meta-step take it as they take `MamlppNetwork`.
 Tasks run one after another; the forward pass computes in float32.
 """
 
@@ -20,10 +19,11 @@ import keras
 import tensorflow as tf
 
 from tf_mamlpp.core.batch_norm_modes import TASK_NORM, TRANSDUCTIVE, check_mode
+from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import Moments, PerStepBatchNorm
 
 
-class KerasBackbone(keras.Model):
+class KerasBackbone(FastWeightsModel):
     """MAML++'s meta-parameters around a user's Keras model that outputs logits.
 
     Args:
@@ -77,20 +77,6 @@ class KerasBackbone(keras.Model):
     @property
     def inner_rates(self):
         return {layer.name: rate for layer, rate in zip(self._weighted, self._rates)}
-
-    def initial_fast_weights(self, num_tasks=1):
-        return {name: tf.tile(var[tf.newaxis], [num_tasks] + [1] * len(var.shape))
-                for name, var in self.fast_variables.items()}
-
-    def inner_rate(self, weight_name, step):
-        if step < 0:
-            raise ValueError(f"inner step must be non-negative, got {step}")
-        layer = weight_name.rsplit("/", 1)[0]
-        return self.inner_rates[layer][min(step, self.num_steps - 1)]
-
-    def update_running_statistics(self, per_stage_means, per_stage_variances):
-        for norm, means, variances in zip(self._norms, per_stage_means, per_stage_variances):
-            norm.update_running_statistics(means, variances)
 
     def forward(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE,
                 compute_dtype=tf.float32, support=None):

@@ -21,9 +21,8 @@ import keras
 import tensorflow as tf
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import RUNNING
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate, support_states
-from tf_mamlpp.core.meta_step import outer_loss
+from tf_mamlpp.core.meta_step import fills_adapted_bank, outer_loss
 from tf_mamlpp.core.mixed_precision import all_finite
 from tf_mamlpp.core.network import grouped_convolution_gradients
 from tf_mamlpp.core.schedules import Phase, Schedule, meta_optimizer
@@ -71,8 +70,6 @@ class MetaLearner(keras.Model):
                               "pass fold_tasks=False", "fold_tasks")
         self.network = network
         self.bn_mode = network.bn_mode
-        # The running mode reads the bank of the adapted weights, so training fills it.
-        self.final_statistics = self.bn_mode == RUNNING
         self.fold_tasks = fold_tasks
         self.parallel_tasks = parallel_tasks
         self.loss_scale = loss_scale
@@ -92,9 +89,13 @@ class MetaLearner(keras.Model):
         # Slots created now, not inside the first trace (which would trace twice).
         optimizer.build(network.trainable_variables)
         self.compile(optimizer=optimizer, jit_compile=jit_compile)
-        self._replica_train_step = tf.function(self._replica_train_step_fn, jit_compile=jit_compile)
+        # autograph=False: the steps' Python loops (inner steps, stages) are
+        # meant to unroll; converting them cost 40% of the first trace.
+        self._replica_train_step = tf.function(self._replica_train_step_fn,
+                                               jit_compile=jit_compile, autograph=False)
         # A last, smaller batch of tasks is traced once more, with its own static shape.
-        self.evaluate_batch = tf.function(self._evaluate_batch_fn, jit_compile=jit_compile)
+        self.evaluate_batch = tf.function(self._evaluate_batch_fn, jit_compile=jit_compile,
+                                          autograph=False)
         self.built = True
 
     @property
@@ -279,7 +280,7 @@ class MetaLearner(keras.Model):
 
     def _tasks_step_signature(self, multi_step):
         spec = lambda shape: tf.TensorSpec(shape, tf.float32)
-        states = support_states(self.num_steps, self.bn_mode, self.final_statistics)
+        states = support_states(self.num_steps, self.bn_mode, fills_adapted_bank(self.bn_mode))
         stat_specs = [spec((states, norm.moving_mean.shape[-1])) for norm in self.network.norms]
         return {
             "gradients": [spec(v.shape) for v in self.network.trainable_variables],

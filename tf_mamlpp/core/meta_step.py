@@ -27,7 +27,7 @@ def outer_loss(network, tasks, phase, compute_dtype=tf.float32, loss_scale=None)
     """The MAML++ outer loss summed over `tasks`, and what adaptation measured.
 
     Args:
-      network: a learner with the fast-weights protocol (see network.py).
+      network: a `FastWeightsModel` (see fast_weights.py).
       tasks: dict of (tasks, ...) tensors, the batch format of episodes.py.
       phase: a `schedules.Phase`: MSL weights, whether MSL is in force, and
         the derivative order.
@@ -42,10 +42,18 @@ def outer_loss(network, tasks, phase, compute_dtype=tf.float32, loss_scale=None)
     weights = phase.msl_weights if phase.multi_step else tf.ones([1])
     result = adapt_and_evaluate(
         network, tasks, num_steps, phase.second_order, target_steps, network.bn_mode,
-        compute_dtype, loss_scale,
-        # The running mode reads the bank of the adapted weights, so training fills it.
-        final_statistics=network.bn_mode == RUNNING)
+        compute_dtype, loss_scale, final_statistics=fills_adapted_bank(network.bn_mode))
     return tf.reduce_sum(result["target_losses"] * weights), result
+
+
+def fills_adapted_bank(bn_mode):
+    """Whether meta-training passes the support set through the adapted weights too.
+
+    The running mode normalises the last target pass by the bank of the
+    adapted weights, so training fills that bank; the support and TaskNorm
+    modes make that pass anyway, and the transductive mode needs no bank.
+    """
+    return bn_mode == RUNNING
 
 
 def meta_step(network, optimizer, tasks, phase):

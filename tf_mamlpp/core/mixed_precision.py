@@ -31,10 +31,7 @@ gradient is a small part of a run, and the export then adapts alike on any
 device.
 """
 
-import pathlib
-
 import tensorflow as tf
-from absl import logging
 
 
 def compute_dtype():
@@ -86,19 +83,3 @@ class DynamicLossScale(tf.Module):
 def all_finite(tensors):
     """Scalar bool tensor: no element of any of `tensors` is NaN or infinite."""
     return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
-
-
-def warn_if_slow():
-    """Warns where mixed precision runs slower than float32: on a CPU without bfloat16 units."""
-    if not tf.config.list_physical_devices("GPU") and not cpu_has_bfloat16_units():
-        logging.warning("Mixed precision without a GPU computes in bfloat16, which this CPU "
-                        "has no instructions for (AVX512-BF16 or AMX): slower than float32.")
-
-
-def cpu_has_bfloat16_units(cpuinfo=pathlib.Path("/proc/cpuinfo")):
-    """Whether the CPU has bfloat16 instructions, as Linux lists its flags; False where unknown."""
-    try:
-        flags = cpuinfo.read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

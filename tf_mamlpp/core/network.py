@@ -13,18 +13,7 @@ computes in the dtype each call asks for (float16 or bfloat16 under
 variables and fast weights stay in their dtype: float32, or float64 with
 `dtype="float64"` for gradient checks (see tf_mamlpp.ops).
 
-The fast-weights protocol: what the inner loop, the meta-step and the
-meta-learner ask of a learner, here and in keras_backbone.py alike.
-- `num_steps`, `way`, `bn_mode`: inner steps, classes, the batch-norm mode.
-- `initial_fast_weights(num_tasks)`: name -> (tasks, ...) copies of the
-  initialisation, whose gradients sum into the variables'.
-- `forward(images, fast_weights, state, bn_mode, compute_dtype, support)`:
-  (tasks, batch, way) logits at weight state `state`, and for a support pass
-  (`support` None) each norm's `Moments`, which the target pass then takes.
-- `inner_rate(weight_name, step)`: LSLR's rate for that weight and step.
-- `norms`: the `PerStepBatchNorm` layers, in `forward`'s order, and
-  `update_running_statistics(means, variances)` to fold statistics into them.
-- `trainable_variables`: every meta-parameter.
+The model follows the fast-weights protocol (fast_weights.py).
 """
 
 import functools
@@ -34,11 +23,12 @@ import tensorflow as tf
 
 from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.core.batch_norm_modes import RUNNING, TASK_NORM, TRANSDUCTIVE, check_mode
+from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import PerStepBatchNorm
 from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
 
 
-class MamlppNetwork(keras.Model):
+class MamlppNetwork(FastWeightsModel):
     """Meta-parameters and the functional forward pass of the learner.
 
     Args:
@@ -135,26 +125,6 @@ class MamlppNetwork(keras.Model):
         """LSLR: layer name -> (num_steps,) variable of inner learning rates."""
         return {layer: getattr(self, f"{layer}_inner_rate") for layer in self.layer_names}
 
-    def initial_fast_weights(self, num_tasks=1):
-        """The meta-learned initialisation, one copy per task.
-
-        Returns:
-          dict name -> tensor of shape (num_tasks, *variable shape); the
-          copies' gradients sum into the variables' under an outer tape.
-        """
-        return {name: tf.tile(var[tf.newaxis], [num_tasks] + [1] * len(var.shape))
-                for name, var in self.fast_variables.items()}
-
-    def inner_rate(self, weight_name, step):
-        """The learning rate for `weight_name` at inner step `step` (a Python int).
-
-        Steps past the trained number reuse the last step's rate.
-        """
-        if step < 0:
-            raise ValueError(f"inner step must be non-negative, got {step}")
-        layer = weight_name.split("/")[0]
-        return self.inner_rates[layer][min(step, self.num_steps - 1)]
-
     def embed(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE, compute_dtype=None,
               support=None):
         """Features before the head, for a batch of tasks at once.
@@ -230,11 +200,6 @@ class MamlppNetwork(keras.Model):
         """Logits of (batch, h, w, c) images under the initialisation, before adaptation."""
         return tf.matmul(self.running_embed(images), self.head_kernel) + self.head_bias
 
-    def update_running_statistics(self, per_stage_means, per_stage_variances):
-        """Folds (stages, states, filters) support statistics into the BN banks."""
-        for norm, means, variances in zip(self.norms, per_stage_means, per_stage_variances):
-            norm.update_running_statistics(means, variances)
-
     def get_config(self):
         return {"way": self.way, "image_shape": self.image_shape, "num_steps": self.num_steps,
                 "filters": self.filters, "num_stages": self.num_stages,
@@ -266,6 +231,8 @@ def grouped_convolution_gradients():
 
 def fold_tasks(images):
     """(tasks, batch, h, w, c) -> (batch, h, w, tasks*c), task-major channels."""
+    if images.shape[0] == 1:  # one task (tf.map_fn's): nothing to fold, and a smaller graph
+        return tf.squeeze(images, 0)
     tasks, channels = tf.shape(images)[0], images.shape[-1]
     folded = tf.transpose(images, [1, 2, 3, 0, 4])
     shape = tf.shape(folded)
@@ -274,6 +241,8 @@ def fold_tasks(images):
 
 def unfold_tasks(x, channels):
     """(batch, h, w, tasks*channels) -> (tasks, batch, h, w, channels)."""
+    if x.shape[-1] == channels:
+        return x[tf.newaxis]
     shape = tf.shape(x)
     x = tf.reshape(x, tf.concat([shape[:3], [-1, channels]], 0))
     return tf.transpose(x, [3, 0, 1, 2, 4])
@@ -281,6 +250,8 @@ def unfold_tasks(x, channels):
 
 def grouped_kernel(kernels):
     """(tasks, kh, kw, in, out) -> (kh, kw, in, tasks*out): one conv group per task."""
+    if kernels.shape[0] == 1:
+        return tf.squeeze(kernels, 0)
     shape = tf.shape(kernels)
     grouped = tf.transpose(kernels, [1, 2, 3, 0, 4])
     return tf.reshape(grouped, tf.concat([shape[1:4], [-1]], 0))

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.data.class_images import ClassImages
+from tf_mamlpp.data.image_decoding import unit_range
 from tf_mamlpp.data.mapped_class_images import MappedClassImages
 
 _NUM_RANDOM_STREAMS = 3  # classes, images, rotations
@@ -135,9 +136,7 @@ def _image_reader(class_images, spec):
 
     def read_unit_range(classes, picks):
         images = read(classes, picks)
-        if images.dtype == tf.uint8:
-            return tf.cast(images, tf.float32) / 255.0
-        return images
+        return unit_range(images) if images.dtype == tf.uint8 else images
 
     return read_unit_range
 

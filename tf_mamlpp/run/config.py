@@ -27,6 +27,9 @@ SHIPPED_DATA = os.path.join(REPOSITORY, "datasets")
 DATASETS = ("omniglot", "mini_imagenet", "folder")
 DEFAULT_DATASET = "omniglot"
 
+# A setting's value where the run decides it at its start (--mixed_precision=auto).
+AUTO = "auto"
+
 # Constraints of a setting (besides a tuple of the values allowed).
 POSITIVE = "positive"
 NON_NEGATIVE = "non-negative"
@@ -150,11 +153,13 @@ class ExperimentConfig:
     test_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed test tasks.")
     seed: int = setting(0, help_text="Seed of the initialisation and the task streams.")
     # Mixed precision adds the loss scale to the checkpoint and changes the arithmetic.
-    mixed_precision: bool = setting(
-        False, architecture=True,
+    mixed_precision: bool | str = setting(
+        False, architecture=True, constraint=(False, True, AUTO),
         help_text="Meta-train in 16 bits (float16 on a GPU, bfloat16 on a CPU) with float32 "
                   "variables and a dynamic loss scale on the inner and outer losses; "
-                  "validation, test and the export stay float32.")
+                  "validation, test and the export stay float32. auto: time a probe "
+                  "meta-step in each precision at the run's start (cached per machine and "
+                  "shape) and train in the faster.")
 
     def __post_init__(self):
         if self.eval_inner_steps is None:
@@ -180,10 +185,9 @@ class ExperimentConfig:
 
 
 def value_type(field):
-    """bool, int, float or str: the type of the field's values other than None."""
+    """bool, int, float or str: the type of the field's values (bool for a bool that takes AUTO)."""
     if isinstance(field.type, types.UnionType):
-        (non_none,) = [member for member in field.type.__args__ if member is not type(None)]
-        return non_none
+        return next(member for member in field.type.__args__ if member is not type(None))
     return field.type
 
 

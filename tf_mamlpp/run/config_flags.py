@@ -26,8 +26,27 @@ def define_config_flags(flag_values=flags.FLAGS):
         if kind is str and isinstance(choices, tuple):
             flags.DEFINE_enum(field.name, default, choices, flag_help(field),
                               flag_values=flag_values)
+        elif kind is bool and config.AUTO in (choices or ()):
+            flags.DEFINE_flag(flags.Flag(BooleanOrAutoParser(), flags.ArgumentSerializer(),
+                                         field.name, default, flag_help(field), boolean=True),
+                              flag_values=flag_values)
         else:
             DEFINE_BY_TYPE[kind](field.name, default, flag_help(field), flag_values=flag_values)
+
+
+class BooleanOrAutoParser(flags.ArgumentParser):
+    """A bool flag that also takes `auto`: --name, --noname, --name=true|false|auto."""
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.lower() == config.AUTO:
+            return config.AUTO
+        try:
+            return flags.BooleanParser().parse(argument)
+        except (TypeError, ValueError):
+            raise ValueError(f"must be true, false or {config.AUTO}") from None
+
+    def flag_type(self):
+        return f"bool or {config.AUTO}"
 
 
 def config_values(flag_values=flags.FLAGS):

@@ -45,6 +45,12 @@ def _reason(error):
     return tensorflow_error_text(error).rsplit("; ", 1)[-1]
 
 
+def saved_config(path):
+    """The configuration of the run in `path`, or None where there is no run."""
+    config_file = pathlib.Path(path) / CONFIG
+    return ExperimentConfig.from_json(config_file.read_text()) if config_file.exists() else None
+
+
 class RunDirectory:
     """One run's files under `path`.
 
@@ -81,9 +87,8 @@ class RunDirectory:
             while path.exists():
                 path = pathlib.Path(logdir) / f"{name}_{suffix}"
                 suffix += 1
-        config_file = path / CONFIG
-        if config_file.exists():
-            previous = ExperimentConfig.from_json(config_file.read_text())
+        previous = saved_config(path)
+        if previous is not None:
             differences = config.architecture_differences(previous)
             if differences:
                 flags = ", ".join(
@@ -94,7 +99,7 @@ class RunDirectory:
                     f"a new run, or --experiment=NAME for another directory")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            write_json_atomically(config_file, json.loads(config.to_json()))
+            write_json_atomically(path / CONFIG, json.loads(config.to_json()))
         except OSError as error:
             raise RunDirectoryError(f"{path}: cannot write the run directory "
                                     f"({error.strerror or error}); check --logdir") from error

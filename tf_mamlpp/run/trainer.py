@@ -22,12 +22,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.core import mixed_precision, schedules
 from tf_mamlpp.core.batch_norm_modes import SERVING_MODES
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.core.network import MamlppNetwork
 from tf_mamlpp.data import splits
 from tf_mamlpp.run import distribution, evaluation, export
+from tf_mamlpp.run.config import AUTO
 from tf_mamlpp.run.progress import Progress
 
 
@@ -42,6 +44,12 @@ def build_network(config):
         num_steps=config.inner_steps, filters=config.filters, num_stages=config.num_stages,
         per_step_bn_statistics=config.bnrs, per_step_bn_affine=config.bnwb,
         learn_inner_rates=config.lslr, inner_lr=config.inner_lr, bn_mode=config.bn_mode)
+
+
+def build_schedule(config):
+    """The MSL and DA `Schedule` that `config` describes."""
+    return schedules.Schedule(config.inner_steps, config.msl, config.msl_epochs, config.da,
+                              config.first_order_epochs, config.second_order)
 
 
 def build_optimizer(config):
@@ -73,6 +81,9 @@ class Trainer:
 
     def __init__(self, config, run_dir, jit_compile=False, fold_tasks=False, parallel_tasks=1,
                  strategy=None):
+        if config.mixed_precision == AUTO:
+            raise ConfigError("mixed_precision=auto must be decided before training: pass the "
+                              "configuration through precision.settled", "mixed_precision")
         self.config = config
         self.run_dir = run_dir
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -89,9 +100,7 @@ class Trainer:
             self.meta_learner = MetaLearner(
                 self.network, self.optimizer, config.batch_size, strategy=self.strategy,
                 jit_compile=jit_compile, fold_tasks=fold_tasks, loss_scale=self.loss_scale,
-                parallel_tasks=parallel_tasks, schedule=schedules.Schedule(
-                    config.inner_steps, config.msl, config.msl_epochs, config.da,
-                    config.first_order_epochs, config.second_order),
+                parallel_tasks=parallel_tasks, schedule=build_schedule(config),
                 eval_inner_steps=config.eval_inner_steps)
         # The optimizer's iteration counter is the run's position: the task
         # stream, the epoch and the schedules all follow from it.
