@@ -70,6 +70,10 @@ def resolved_config():
     """The flags' configuration; to train, checked against itself and the data's file index."""
     from tf_mamlpp.run import config, preflight
     resolved = config.resolve(FLAGS.dataset, **config_flags.config_values())
+    if FLAGS.strategy == "multi_worker" and resolved.mixed_precision == config.AUTO:
+        raise ConfigError("mixed_precision=auto with --strategy=multi_worker: each host would "
+                          "probe on its own and could choose differently; pass "
+                          "mixed_precision=true or false", "mixed_precision")
     return preflight.checked(resolved) if FLAGS.mode == "train" else resolved
 
 

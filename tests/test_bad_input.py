@@ -114,6 +114,9 @@ CASES = {
                       ["{truncated_zip}/images_background.zip: corrupt or truncated zip"]),
     "unknown dataset": (["--dataset=imagenet21k"], ["--dataset='imagenet21k' is unknown"]),
     "unknown strategy": (folder("good", "--strategy=tpu"), ["--strategy=tpu", "mirrored"]),
+    "auto precision on several hosts": (
+        folder("good", "--strategy=multi_worker", "--mixed_precision=auto"),
+        ["--mixed_precision=auto with --strategy=multi_worker", "--mixed_precision=true"]),
     "zero parallel tasks": (folder("good", "--parallel_tasks=0"),
                             ["--parallel_tasks must be at least 1, got 0"]),
     "image size conflicting with omniglot": (
