@@ -58,8 +58,8 @@ def unit_range(images):
     Looked up in a table of the 256 quotients rather than divided: inside a
     tf.function, and so in the exported model, TensorFlow's graph optimiser
     turns x / 255 into x * (1 / 255), one float32 step off for half the
-    values. Training's episodes (episodes.py) and the export both take it,
-    so they see the same values wherever they run.
+    values, while tf.data, where training reads the uint8 cache
+    (episodes.py), divides exactly.
     """
     quotients = tf.constant(np.arange(256, dtype=np.float32) / np.float32(255))
     return tf.gather(quotients, tf.cast(images, tf.int32))
