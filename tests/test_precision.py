@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -146,3 +147,15 @@ def test_the_trainer_refuses_an_undecided_precision(tmp_path):
     with pytest.raises(ConfigError, match="mixed_precision=auto must be decided"):
         Trainer(config, RunDirectory.open(tmp_path, "run", dataclasses.replace(
             config, mixed_precision=False)))
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, compute_dtype()], ids=lambda dtype: dtype.name)
+def test_each_probe_step_convolves_in_the_precision_it_times(dtype):
+    """The probe compares the two precisions only if each step computes in its own."""
+    config = resolve("omniglot", **TINY)
+    network = precision.build_network(dataclasses.replace(config, inner_steps=1))
+    phase = precision.Phase(np.ones(1, np.float32), multi_step=False, second_order=False)
+    step = precision._meta_gradient_norm(network, phase, dtype)
+    graph = step.get_concrete_function(precision._random_task(config)).graph
+    kinds = {op.get_attr("T") for op in graph.get_operations() if op.type == "Conv2D"}
+    assert kinds == {dtype}
