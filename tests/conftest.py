@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 import pytest
+
+import tf_mamlpp  # noqa: F401  before TensorFlow, so the tests run its kernels as main.py does
 import tensorflow as tf
 
 from tf_mamlpp.core.batch_norm_modes import TRANSDUCTIVE

@@ -45,6 +45,12 @@ START_UP_NOTES = re.compile(
     r"cuda_executor\.cc|cuda_diagnostics\.cc|cpu_feature_guard\.cc|"
     r"To enable the following instructions|oneDNN custom operations are on")
 
+# One float32 graph run twice (here and loaded in another process) agrees to
+# round-off, which the inner steps amplify and which depends on the kernels
+# (oneDNN's or Eigen's, as Grappler fuses them): up to 3e-5 on logits of about
+# 1 on an AVX2 CPU with oneDNN. A wrong adaptation is off by far more.
+SAME_ANSWER = dict(rtol=1e-4, atol=1e-4)
+
 # The inputs of the adapt signatures, by signature.
 SIGNATURE_INPUTS = {
     "adapt_and_predict": ("support_images", "support_labels", "query_images"),
@@ -283,9 +289,9 @@ def test_loaded_model_adapts_as_the_in_process_model(loaded, adapting_model, epi
     expected = in_process(adapting_model, episode[0], num_queries)
     assert arrays[f"logits_{num_queries}"].shape == (num_queries, WAY)
     np.testing.assert_allclose(arrays[f"logits_{num_queries}"], expected["logits"],
-                               rtol=1e-5, atol=1e-5)
+                               **SAME_ANSWER)
     np.testing.assert_allclose(arrays[f"probabilities_{num_queries}"],
-                               expected["probabilities"], rtol=1e-5, atol=1e-6)
+                               expected["probabilities"], **SAME_ANSWER)
     np.testing.assert_allclose(arrays[f"probabilities_{num_queries}"].sum(-1), 1.0, rtol=1e-5)
 
 
@@ -297,7 +303,7 @@ def test_tensorflow_1s_loader_answers_as_the_loaded_model(subprocesses, loaded, 
     outputs = subprocesses[signature].result(timeout=600)
     expected = loaded[0]["probabilities_7" if signature == "adapt_and_predict"
                          else "files_probabilities"]
-    np.testing.assert_allclose(outputs["probabilities"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(outputs["probabilities"], expected, **SAME_ANSWER)
 
 
 def test_loading_prints_nothing(subprocesses):
@@ -362,9 +368,10 @@ def test_tensorflow_derivatives_adapt_as_the_closed_forms(bn_mode, episode):
     """First-order adaptation and its meta-gradient with the kernels' custom gradients
     and with TensorFlow's (`plain_tensorflow`, as exported).
 
-    The meta-gradient is compared to 1e-4: in the support mode it passes through
-    the support statistics, which the fused kernel and plain reductions round
-    differently (each is as close to float64's as the other)."""
+    The meta-gradient is compared to 1e-3 of its scale: in the support mode it
+    passes through the support statistics, which the fused kernel and plain
+    reductions round differently (each is as close to float64's as the other;
+    1.2e-4 of 0.22 apart on an AVX2 CPU with oneDNN)."""
     network = randomised_network(bn_mode)
     images = episode[0]
     tasks = {"support_images": images["support_images"][np.newaxis],
@@ -385,7 +392,8 @@ def test_tensorflow_derivatives_adapt_as_the_closed_forms(bn_mode, episode):
     for expected, actual in zip(adaptation, plain_adaptation, strict=True):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
     for expected, actual in zip(gradients, plain_gradients, strict=True):
-        np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(actual, expected, rtol=1e-3,
+                                   atol=1e-3 * np.abs(expected).max())
 
 
 def test_adaptation_changes_the_prediction(adapting_model, episode):
@@ -483,8 +491,7 @@ def test_main_export_writes_a_loadable_model_of_the_best_checkpoint(subprocesses
         support_labels=tf.constant(images["support_labels"]),
         query_images=tf.constant(images["query_images"][:3]))
     np.testing.assert_allclose(out["logits"].numpy(),
-                               in_process(adapting_model, images, 3)["logits"],
-                               rtol=1e-5, atol=1e-5)
+                               in_process(adapting_model, images, 3)["logits"], **SAME_ANSWER)
 
 
 def test_main_export_into_a_non_empty_folder_is_a_one_line_error(subprocesses):

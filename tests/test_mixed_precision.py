@@ -331,8 +331,8 @@ def test_folded_tasks_give_the_task_loops_meta_gradient_in_16_bits(make_tasks):
         return step(tasks, tf.constant(MSL_WEIGHTS), True, True)["gradients"]
 
     dtype = compute_dtype()
-    if not grouped_convolution_gradients():
-        # This device cannot differentiate grouped convolutions: the flag is refused.
+    if not grouped_convolution_gradients(dtype):
+        # This device cannot differentiate grouped convolutions in 16 bits: the flag is refused.
         with pytest.raises(ValueError, match="fold_tasks=True"):
             meta_gradient(True, dtype)
         return

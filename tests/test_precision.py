@@ -118,6 +118,10 @@ def test_the_probe_times_both_precisions_and_is_cached_per_machine_and_shape(mon
     assert precision.settled(dataclasses.replace(config, way=3),
                              parallel_tasks=2).mixed_precision is False
     assert len(probed) == 1 and len(json.loads(precision.cache_path().read_text())) == 2
+    # Another oneDNN setting, whose kernels differ: its own.
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    precision.settled(config, parallel_tasks=2)
+    assert len(probed) == 2
 
 
 def test_an_unreadable_cache_is_probed_again_and_rewritten(probes):

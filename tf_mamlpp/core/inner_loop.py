@@ -181,7 +181,10 @@ def _bank_statistics(support_moments, norms):
     """Per norm, the (states, channels) support means and variances averaged over the tasks."""
     def task_mean(values, norm):  # (tasks*channels,) -> (channels,)
         channels = norm.moving_mean.shape[-1]
-        return tf.reduce_mean(tf.reshape(tf.stop_gradient(values), (-1, channels)), axis=0)
+        values = tf.stop_gradient(values)
+        if values.shape[0] == channels:  # one task
+            return values
+        return tf.reduce_mean(tf.reshape(values, (-1, channels)), axis=0)
 
     per_norm = list(zip(*support_moments))  # per norm, one Moments per state
     return ([tf.stack([task_mean(m.mean, norm) for m in states])

@@ -64,10 +64,12 @@ class MetaLearner(keras.Model):
                  fold_tasks=False, loss_scale=None, parallel_tasks=1, schedule=None,
                  eval_inner_steps=None, **kwargs):
         super().__init__(**kwargs)
-        if fold_tasks and not grouped_convolution_gradients():
-            raise ConfigError("fold_tasks=True needs gradients of grouped convolutions, which "
-                              "TensorFlow lacks on this device (on a CPU they need AVX-512); "
-                              "pass fold_tasks=False", "fold_tasks")
+        compute_dtype = loss_scale.compute_dtype if loss_scale is not None else tf.float32
+        if fold_tasks and not grouped_convolution_gradients(compute_dtype):
+            raise ConfigError(f"fold_tasks=True needs gradients of grouped convolutions in "
+                              f"{compute_dtype.name}, which TensorFlow lacks on this device (on "
+                              f"a CPU they need oneDNN, and AVX-512 for bfloat16); pass "
+                              f"fold_tasks=False", "fold_tasks")
         self.network = network
         self.bn_mode = network.bn_mode
         self.fold_tasks = fold_tasks

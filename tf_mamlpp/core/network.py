@@ -167,7 +167,8 @@ class MamlppNetwork(FastWeightsModel):
             moments.append(stage_moments)
             x = leaky_relu_max_pool_2x2(x)
         features = unfold_tasks(x, self.filters)  # (tasks, batch, h, w, filters)
-        features = tf.reshape(features, (tf.shape(features)[0], -1, self.feature_size))
+        tasks = features.shape[0] or tf.shape(features)[0]  # static where known: a smaller graph
+        features = tf.reshape(features, (tasks, -1, self.feature_size))
         return features, (None if target else moments)
 
     def forward(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE, compute_dtype=None,
@@ -210,15 +211,15 @@ class MamlppNetwork(FastWeightsModel):
 
 
 @functools.cache
-def grouped_convolution_gradients():
-    """Whether TensorFlow differentiates grouped convolutions on its default device.
+def grouped_convolution_gradients(dtype=tf.float32):
+    """Whether TensorFlow differentiates grouped convolutions in `dtype` on its default device.
 
     Folded tasks (`fold_tasks`) need them. TensorFlow's CPU kernels have them
-    only through oneDNN on CPUs with AVX-512; elsewhere the gradient fails
-    at run time, so it is tried once on two tiny groups.
+    only through oneDNN, in bfloat16 only on CPUs with AVX-512; elsewhere the
+    gradient fails at run time, so it is tried once on two tiny groups.
     """
-    x = tf.zeros((1, 3, 3, 2))
-    kernel = tf.zeros((1, 1, 1, 2))
+    x = tf.zeros((1, 3, 3, 2), dtype)
+    kernel = tf.zeros((1, 1, 1, 2), dtype)
     try:
         with tf.GradientTape() as tape:
             tape.watch(x)

@@ -179,7 +179,12 @@ def _has_fused_kernel(inputs, gamma):
 
 
 def _positions(x):
-    """M = N*H*W, the positions each channel's statistics are taken over, float32."""
+    """M = N*H*W, the positions each channel's statistics are taken over, float32.
+
+    A Python float where the shape is static, which keeps the traced graph small.
+    """
+    if x.shape.is_fully_defined():
+        return float(x.shape.num_elements() // x.shape[-1])
     return tf.cast(tf.size(x) // tf.shape(x)[-1], tf.float32)
 
 

@@ -129,11 +129,12 @@ def read_cache():
 
 
 def probe_key(config, parallel_tasks):
-    """The machine (GPU, else CPU), TensorFlow and the shapes the timings hold for."""
+    """The machine (GPU, else CPU), TensorFlow, its CPU kernels and the shapes the timings hold for."""
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
     return json.dumps({
         "machine": gpus or cpu_description(), "tensorflow": tf.__version__,
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "parallel_tasks": parallel_tasks,
         "second_order": build_schedule(config).at(0).second_order,
         **{name: getattr(config, name) for name in PROBE_SETTINGS}}, sort_keys=True)
