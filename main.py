@@ -21,6 +21,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags, logging  # noqa: E402
 
 from tf_mamlpp.config_error import ConfigError  # noqa: E402
+from tf_mamlpp.hardware.onednn import prefer_onednn  # noqa: E402
+
+prefer_onednn()  # before TensorFlow loads, which reads it once
 from tf_mamlpp.run import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -37,13 +40,8 @@ config_flags.define_config_flags()
 flags.DEFINE_string("logdir", "runs", "Parent folder of the runs. Default runs.")
 flags.DEFINE_string("experiment", None, "Run directory name under --logdir. Default: "
                     "<dataset>_<way>way_<shot>shot_seed<seed>.")
-flags.DEFINE_integer("ensemble_top_k", 3, "Best validation checkpoints kept and ensembled at "
-                     "test time, as the paper does with three. Default 3.", lower_bound=1)
 flags.DEFINE_bool("fresh", False, "Start a new run in a new directory even if one exists "
                   "(the old one is kept). Default false: continue the existing run.")
-flags.DEFINE_bool("deterministic", False, "Enable TensorFlow's op determinism, so an "
-                  "interrupted and resumed run repeats an uninterrupted one exactly. "
-                  "Default false.")
 flags.DEFINE_string("export_dir", None, "SavedModel folder for --mode=export (must be new or "
                     "empty) and --mode=adapt. Default: none.")
 flags.DEFINE_string("support_dir", None, "--mode=adapt: folder with one sub-folder of images "
@@ -55,13 +53,8 @@ flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"]
                   "host) or multi_worker (hosts listed in TF_CONFIG); --batch_size is split "
                   "over the replicas. Default default.")
 flags.DEFINE_bool("run_eagerly", False, "Run the steps eagerly, for debugging. Default false.")
-flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false "
-                  "(slower on CPU; see benchmarks/README.md).")
-flags.DEFINE_bool("fold_tasks", False, "Run a meta-batch's tasks together as grouped "
-                  "convolutions instead of one after another. Default false (slower on CPU; "
-                  "see benchmarks/README.md).")
 flags.DEFINE_integer("parallel_tasks", None, "Tasks of a meta-batch adapted at once, with "
-                     "the cores shared out among them (see tf_mamlpp/run/cpu_threads.py). Default: "
+                     "the cores shared out among them (see tf_mamlpp/hardware/cpu_threads.py). Default: "
                      "the number of cores on a CPU, 1 on a GPU.")
 
 
@@ -78,7 +71,7 @@ def resolved_config():
 
 
 def adapt():
-    from tf_mamlpp.run.folder_task import classify_folders
+    from tf_mamlpp.serving.folder_task import classify_folders
     for name in ("export_dir", "support_dir", "query_dir"):
         if not FLAGS[name].value:
             raise ValueError(f"--mode=adapt needs --{name}")
@@ -96,12 +89,10 @@ def open_run(parallel_tasks):
         previous = None if FLAGS.fresh else run_directory.saved_config(
             os.path.join(FLAGS.logdir, name))
         config = precision.settled(config, previous, parallel_tasks)
-        run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh,
-                                                  keep_best=FLAGS.ensemble_top_k)
+        run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh)
         return run_dir, config
     # Testing and exporting use the configuration the run was trained with.
-    run_dir = run_directory.RunDirectory.existing(FLAGS.logdir, name,
-                                                  keep_best=FLAGS.ensemble_top_k)
+    run_dir = run_directory.RunDirectory.existing(FLAGS.logdir, name)
     return run_dir, run_dir.config
 
 
@@ -127,8 +118,8 @@ def run():
         resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
     from tf_mamlpp.run.quiet_start import start_tensorflow
     tf, gpus = start_tensorflow()
-    from tf_mamlpp.data import splits
-    from tf_mamlpp.run import cpu_threads
+    from tf_mamlpp.run import task_streams
+    from tf_mamlpp.hardware import cpu_threads
     from tf_mamlpp.run.distribution import make_strategy
     from tf_mamlpp.run.trainer import Trainer
 
@@ -141,17 +132,15 @@ def run():
     cpu_threads.configure(parallel_tasks)  # before TensorFlow runs its first op
     strategy = make_strategy(FLAGS.strategy)
     tf.config.run_functions_eagerly(FLAGS.run_eagerly)
-    if FLAGS.deterministic:
-        tf.config.experimental.enable_op_determinism()
     if FLAGS.mode == "train":
-        splits.prepare(resolved_config())  # decodes the data: a corrupt file fails before any write
+        task_streams.prepare(resolved_config())  # decodes the data: a corrupt file fails before any write
     run_dir, config = open_run(parallel_tasks)
     if not gpus:
         logging.info("No GPU found: running on the CPU.")
     logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())
-    trainer = Trainer(config, run_dir, jit_compile=FLAGS.jit_compile,
-                      fold_tasks=FLAGS.fold_tasks, parallel_tasks=parallel_tasks,
-                      strategy=strategy)
+    if config.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    trainer = Trainer(config, run_dir, parallel_tasks=parallel_tasks, strategy=strategy)
     if FLAGS.mode == "export":
         print(f"exported to {trainer.export_best(FLAGS.export_dir)}")
         return

@@ -127,9 +127,10 @@ def meta_step_seconds(iterations=5):
     import tensorflow as tf
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.network import MamlppNetwork
+    from tf_mamlpp.core.schedules import Phase
 
     network = MamlppNetwork(WAY, (84, 84, 3), 5, filters=48, inner_lr=0.01)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-3), BATCH_SIZE,
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-3),
                           fold_tasks=FLAGS.fold_tasks)
     rng = np.random.default_rng(0)  # the step's cost does not depend on the pixels
     batch = {f"{kind}_images": tf.constant(rng.random((BATCH_SIZE, WAY * n, 84, 84, 3),
@@ -138,15 +139,15 @@ def meta_step_seconds(iterations=5):
     batch.update({f"{kind}_labels": tf.constant(np.tile(np.repeat(np.arange(WAY), n),
                                                         (BATCH_SIZE, 1)), tf.int32)
                   for kind, n in (("support", 1), ("target", QUERY))})
-    weights = tf.constant(np.full(5, 0.2, np.float32))
+    phase = Phase(tf.constant(np.full(5, 0.2, np.float32)), multi_step=True, second_order=True)
     started = time.monotonic()
     for _ in range(2):
-        float(learner.meta_update(batch, weights, True, True)["loss"])
+        float(learner.meta_update(batch, phase)["loss"])
     first_two = time.monotonic() - started
     times = []
     for _ in range(iterations):
         started = time.monotonic()
-        float(learner.meta_update(batch, weights, True, True)["loss"])
+        float(learner.meta_update(batch, phase)["loss"])
         times.append(time.monotonic() - started)
     return float(np.median(times)), first_two
 
@@ -154,7 +155,8 @@ def meta_step_seconds(iterations=5):
 def main(argv):
     del argv
     import tensorflow as tf
-    from tf_mamlpp.data import decoded_images, image_folders, splits
+    from tf_mamlpp.data import decoded_images, image_folders
+    from tf_mamlpp.run import task_streams
     from tf_mamlpp.run import config as config_module
 
     root = pathlib.Path(FLAGS.work_dir) / "data"
@@ -185,7 +187,7 @@ def main(argv):
                                                   in_memory=variant == "in_memory")
                 if variant == "mapped_cold":
                     evict(directory.glob("*.npy"))
-                dataset = splits.training_tasks(config, train)
+                dataset = task_streams.training_tasks(config, train)
             tasks = FLAGS.tasks if variant != "decode_every_task" else FLAGS.tasks // 4
             results[f"{shot}shot_{variant}_tasks_per_second"] = tasks_per_second(dataset, tasks)
             print(f"{shot}-shot {variant}: "

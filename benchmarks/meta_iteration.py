@@ -25,8 +25,8 @@ from benchmarks.measurement import peak_gb, run_json_child, time_step
 from benchmarks.random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
                                      config_names, random_batch)
 from benchmarks.reference_maml import check_checkout, measure as measure_reference
-from tf_mamlpp.core.batch_norm_modes import MODES as BN_MODES
-from tf_mamlpp.run.machine import cpu_description
+from tf_mamlpp.core.batch_norm_modes import BN_MODES
+from tf_mamlpp.hardware.machine import cpu_description
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("iterations", 20, "Timed meta-iterations after two warm-up ones. Default 20.")
@@ -60,22 +60,24 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.mixed_precision import DynamicLossScale, compute_dtype
     from tf_mamlpp.core.network import MamlppNetwork
-    from tf_mamlpp.run import cpu_threads
+    from tf_mamlpp.core.schedules import Phase
+    from tf_mamlpp.hardware import cpu_threads
 
     parallel_tasks = cpu_threads.default_parallel_tasks() if variant == "parallel" else 1
     if variant == "parallel":
         cpu_threads.configure(parallel_tasks)
     way, shot, second_order = CONFIGS[name]
     network = MamlppNetwork(way, (28, 28, 1), inner_steps, bn_mode=bn_mode)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-3), batch_size,
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-3),
                           jit_compile=jit_compile, fold_tasks=variant == "fold",
                           parallel_tasks=parallel_tasks,
                           loss_scale=(DynamicLossScale(compute_dtype=compute_dtype())
                                       if mixed_precision else None))
     batch = random_batch(way, shot, QUERY, batch_size)
     weights = tf.constant(np.full(inner_steps, 1 / inner_steps, np.float32))
+    phase = Phase(weights, multi_step=True, second_order=second_order)
     first_call, seconds = time_step(
-        lambda: float(learner.meta_update(batch, weights, second_order, True)["loss"]), iterations)
+        lambda: float(learner.meta_update(batch, phase)["loss"]), iterations)
     # The step is one task's graph run batch_size times (map_fn), or the same
     # arithmetic folded; count one task's graph and scale it.
     one_task = random_batch(way, shot, QUERY, 1)

@@ -90,16 +90,18 @@ def profile(way, shot, second_order, iterations):
     from benchmarks.random_tasks import BATCH_SIZE, INNER_STEPS, QUERY, random_batch
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.network import MamlppNetwork
-    from tf_mamlpp.run import cpu_threads
+    from tf_mamlpp.core.schedules import Phase
+    from tf_mamlpp.hardware import cpu_threads
 
     parallel_tasks = cpu_threads.default_parallel_tasks()
     cpu_threads.configure(parallel_tasks)  # as main.py does
     network = MamlppNetwork(way, (28, 28, 1), INNER_STEPS)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-3), BATCH_SIZE,
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-3),
                           parallel_tasks=parallel_tasks)
     batch = random_batch(way, shot, QUERY, BATCH_SIZE)
-    weights = tf.constant(np.full(INNER_STEPS, 1 / INNER_STEPS, np.float32))
-    step = lambda: float(learner.meta_update(batch, weights, second_order, True)["loss"])
+    phase = Phase(tf.constant(np.full(INNER_STEPS, 1 / INNER_STEPS, np.float32)),
+                  multi_step=True, second_order=second_order)
+    step = lambda: float(learner.meta_update(batch, phase)["loss"])
     step(), step()
     trace_dir = tempfile.mkdtemp(prefix="meta_step_profile_")
     tf.profiler.experimental.start(trace_dir)

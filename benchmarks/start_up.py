@@ -20,7 +20,7 @@ import time
 
 from absl import app, flags
 
-from tf_mamlpp.run.machine import cpu_description
+from tf_mamlpp.hardware.machine import cpu_description
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
@@ -47,7 +47,7 @@ def measure(started):
     from tf_mamlpp.run.quiet_start import start_tensorflow
     tf, _ = start_tensorflow()
     phase("TensorFlow start")
-    from tf_mamlpp.data import splits
+    from tf_mamlpp.run import task_streams
     from tf_mamlpp.run import config, cpu_threads, precision, run_directory
     from tf_mamlpp.run.trainer import Trainer
     phase("tf_mamlpp modules")
@@ -55,7 +55,7 @@ def measure(started):
     cpu_threads.configure(parallel_tasks)
     resolved = config.resolve("omniglot", way=FLAGS.way, shot=FLAGS.shot,
                               mixed_precision=PRECISIONS[FLAGS.mixed_precision])
-    splits.prepare(resolved)
+    task_streams.prepare(resolved)
     phase("Omniglot cache")
     with tempfile.TemporaryDirectory() as logdir:
         if resolved.mixed_precision is not False:
@@ -64,13 +64,13 @@ def measure(started):
             phase(f"precision probe (--mixed_precision={FLAGS.mixed_precision}, uncached)")
         trainer = Trainer(resolved, run_directory.RunDirectory.open(logdir, "run", resolved))
         phase("trainer: splits, network, optimizer")
-        tasks = iter(splits.training_tasks(resolved, trainer.splits["train"]))
+        tasks = iter(task_streams.training_tasks(resolved, trainer.splits["train"]))
         batch = next(tasks)
         phase("first meta-batch")
-        weights = tf.constant([1 / resolved.inner_steps] * resolved.inner_steps)
-        float(trainer.meta_learner.meta_update(batch, weights, False, True)["loss"])
+        first_epoch = trainer.meta_learner.phase_at(0)
+        float(trainer.meta_learner.meta_update(batch, first_epoch)["loss"])
         phase("first meta-step (trace and run)")
-        float(trainer.meta_learner.meta_update(next(tasks), weights, False, True)["loss"])
+        float(trainer.meta_learner.meta_update(next(tasks), first_epoch)["loss"])
         phase("second meta-step (run only)")
     return phases
 

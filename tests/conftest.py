@@ -23,10 +23,12 @@ import time
 import numpy as np
 import pytest
 
-import tf_mamlpp  # noqa: F401  before TensorFlow, so the tests run its kernels as main.py does
-import tensorflow as tf
+from tf_mamlpp.hardware.onednn import prefer_onednn
 
-from tf_mamlpp.core.batch_norm_modes import TRANSDUCTIVE
+prefer_onednn()  # before TensorFlow loads, so that the tests run main.py's kernels
+import tensorflow as tf  # noqa: E402
+
+from tf_mamlpp.core.batch_norm_modes import TRANSDUCTIVE  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
@@ -176,7 +178,7 @@ def adapt_by_hand():
                 logits, statistics = network.forward(one["support_images"], weights, step, bn_mode)
                 loss = mean_cross_entropy(one["support_labels"][0], logits[0])
             gradients = tape.gradient(loss, weights)
-            rate_step = min(step, network.num_steps - 1)
+            rate_step = min(step, network.inner_steps - 1)
             rates = {name: float(network.inner_rates[name.split("/")[0]].numpy()[rate_step])
                      for name in weights}
             weights = {name: tf.constant(weights[name] - rates[name] * gradients[name])

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import run_python
-from tf_mamlpp.run.machine import cpu_description
+from tf_mamlpp.hardware.machine import cpu_description
 
 
 @pytest.mark.parametrize("flag, named", [

@@ -1,6 +1,7 @@
 """Specification of tf_mamlpp.run.config and config_flags: the settings of a run, listed once."""
 
 import dataclasses
+import inspect
 import json
 import pathlib
 import re
@@ -10,8 +11,9 @@ import sys
 import pytest
 from absl import flags
 
+import tf_mamlpp
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import MODES
+from tf_mamlpp.core.batch_norm_modes import BN_MODES
 from tf_mamlpp.run import config_flags, preflight
 from tf_mamlpp.run.config import (DATASETS, NON_NEGATIVE, POSITIVE, ExperimentConfig,
                                   command_line_fields, resolve)
@@ -113,7 +115,7 @@ def test_the_kind_of_flag_follows_the_fields_type(parsed_flags):
     assert kinds["msl"] == "bool" and kinds["augment"] == "bool"
     assert kinds["data_dir"] == "string" and kinds["split_ratios"] == "string"
     assert kinds["bn_mode"] == kinds["omniglot_split"] == "string enum"
-    assert parsed_flags["bn_mode"].parser.enum_values == list(MODES)
+    assert parsed_flags["bn_mode"].parser.enum_values == list(BN_MODES)
     assert parsed_flags["omniglot_split"].parser.enum_values == ["mamlpp", "lake"]
 
 
@@ -176,12 +178,31 @@ def test_every_help_text_states_the_default(parsed_flags):
                                       "datasets/mini_imagenet on mini_imagenet.")
 
 
-def test_the_readme_flag_table_shows_the_help_texts(parsed_flags):
+# The library's entry points whose keywords are named as the flags.
+LIBRARY = ("MamlppNetwork", "KerasBackbone", "MetaLearner", "Schedule", "meta_optimizer")
+
+
+def library_keyword_of(name):
+    """The README's third column: the library entry points that take `name` as a keyword."""
+    return ", ".join(f"`{entry}`" for entry in LIBRARY
+                     if name in inspect.signature(getattr(tf_mamlpp, entry)).parameters)
+
+
+def test_the_readme_flag_table_shows_the_help_texts_and_the_library_keywords(parsed_flags):
     readme = (REPOSITORY / "README.md").read_text()
     table = readme[readme.index("\n## Flags\n"):]
     for name in parsed_flags:
         expected = parsed_flags[name].help.replace("|", "\\|")
-        assert f"\n| `--{name}` | {expected} |\n" in table, name
+        assert f"\n| `--{name}` | {expected} | {library_keyword_of(name)} |\n" in table, name
+
+
+@pytest.mark.parametrize("field", [field for field in FIELDS.values()
+                                   if field.metadata["configures"]], ids=lambda field: field.name)
+def test_a_setting_that_configures_a_library_object_is_its_keyword_of_the_same_name(field):
+    entries = {"network": tf_mamlpp.MamlppNetwork, "schedule": tf_mamlpp.Schedule,
+               "optimizer": tf_mamlpp.meta_optimizer}
+    for target in field.metadata["configures"]:
+        assert field.name in inspect.signature(entries[target]).parameters, target
 
 
 def constrained(constraint):

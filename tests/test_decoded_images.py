@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from synthetic_images import class_image, write_class_folders, write_image, write_split_folders
-from tf_mamlpp.data import decoded_images, image_decoding, splits
+from tf_mamlpp.data import decoded_images, image_decoding
+from tf_mamlpp.run import task_streams
 from tf_mamlpp.data.class_images import ClassImages, DataError
 from tf_mamlpp.data.episodes import EpisodeSpec, episode_dataset
 from tf_mamlpp.data.image_folders import index_splits
@@ -125,6 +126,6 @@ def test_splits_over_the_memory_limit_stay_on_disk(split, limit_gb, form):
     files, _ = split
     config = resolve("folder", data_dir=str(files.source.parent), image_size=16, channels=3,
                      in_memory_limit_gb=limit_gb)
-    loaded = splits.load_splits(config)
+    loaded = task_streams.load_splits(config)
     assert all(isinstance(images, form) for images in loaded.values())
     assert [images.num_classes for images in loaded.values()] == [3, 1, 1]

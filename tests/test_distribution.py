@@ -25,14 +25,15 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from benchmarks.random_tasks import random_batch
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.network import MamlppNetwork
+    from tf_mamlpp.core.schedules import Phase
 
     def one_step(strategy):
         keras.utils.set_random_seed(0)
         with strategy.scope():
             network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
-            learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 4, strategy=strategy)
+            learner = MetaLearner(network, keras.optimizers.Adam(1e-2), strategy=strategy)
         batch = random_batch(3, 1, 2, 4, image_shape=(8, 8, 1))
-        figures = learner.meta_update(batch, tf.constant([0.5, 0.5]), True, True)
+        figures = learner.meta_update(batch, Phase(tf.constant([0.5, 0.5]), True, True))
         # Keyed by position: a second network's variables get a new name prefix.
         return ({f"{i}:{v.name}": np.asarray(v.numpy()).tolist()
                  for i, v in enumerate(network.variables)},

@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.run.evaluation: accuracy as the paper reports it."""
+"""Specification of tf_mamlpp.core.evaluation: accuracy as the paper reports it."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.run.evaluation import ensemble_accuracies, evaluate, mean_and_interval
+from tf_mamlpp.core.evaluation import ensemble_accuracies, evaluate, mean_and_interval
 
 
 def test_mean_and_interval_against_hand_numbers():

@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.run.export: a SavedModel that adapts, usable without this package.
+"""Specification of tf_mamlpp.serving.saved_model: a SavedModel that adapts, usable without this package.
 
 A tiny run is trained in-process (its training exports the best checkpoint
 to run/export); a separate Python process that never imports tf_mamlpp loads
@@ -24,14 +24,16 @@ import tensorflow as tf
 
 from conftest import REPO, run_command, run_main, run_python
 from synthetic_images import write_split_folders
+from tf_mamlpp.core.batch_norm_modes import BN_MODES
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
 from tf_mamlpp.data import decoded_images
 from tf_mamlpp.data.image_folders import index_splits
 from tf_mamlpp.ops import plain_tensorflow
 from tf_mamlpp.run import config as config_module
-from tf_mamlpp.run import export
+from tf_mamlpp.serving import saved_model
 from tf_mamlpp.run.run_directory import RunDirectory
-from tf_mamlpp.run.trainer import Trainer, build_network
+from tf_mamlpp.run.builders import build_network
+from tf_mamlpp.run.trainer import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -363,7 +365,7 @@ def test_adapt_mode_prints_the_file_signatures_answers(subprocesses, loaded, epi
         (f"class{row.argmax()}", f"{row.max():.3f}") for row in expected]
 
 
-@pytest.mark.parametrize("bn_mode", ["transductive", "support", "task_norm", "running"])
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_tensorflow_derivatives_adapt_as_the_closed_forms(bn_mode, episode):
     """First-order adaptation and its meta-gradient with the kernels' custom gradients
     and with TensorFlow's (`plain_tensorflow`, as exported).
@@ -458,7 +460,7 @@ def test_export_into_a_non_empty_folder_is_refused_and_keeps_its_files(adapting_
     (target / "saved_model.pb").write_bytes(b"an earlier export")
     (target / "notes.txt").write_text("keep me")
     with pytest.raises(export.ExportError, match="not empty"):
-        export.export(adapting_model.network, INNER_STEPS, target)
+        saved_model.export(adapting_model.network, INNER_STEPS, target)
     assert sorted(path.name for path in target.iterdir()) == ["notes.txt", "saved_model.pb"]
     assert (target / "saved_model.pb").read_bytes() == b"an earlier export"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
@@ -467,7 +469,7 @@ def test_export_into_a_non_empty_folder_is_refused_and_keeps_its_files(adapting_
 def test_export_into_an_empty_folder_leaves_no_staging_behind(adapting_model, tmp_path):
     target = tmp_path / "model"
     target.mkdir()
-    assert export.export(adapting_model.network, INNER_STEPS, target) == target
+    assert saved_model.export(adapting_model.network, INNER_STEPS, target) == target
     assert (target / "saved_model.pb").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
 
@@ -535,10 +537,10 @@ def write_images(folder, images):
         (folder / f"{index:03d}.png").write_bytes(png.numpy())
 
 
-@pytest.mark.parametrize("bn_mode", ["transductive", "support", "task_norm", "running"])
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, trained, tmp_path):
     """Alone or among 50 others, through the SavedModel and through --mode=adapt, in every mode."""
-    export_dir = export.export(randomised_network(bn_mode), INNER_STEPS, tmp_path / "export")
+    export_dir = saved_model.export(randomised_network(bn_mode), INNER_STEPS, tmp_path / "export")
     adapt = tf.saved_model.load(str(export_dir)).signatures["adapt_and_predict"]
     images = trained.splits["test"]
     support = np.stack([images.images_of(label)[0] for label in range(WAY)]).astype(np.float32)

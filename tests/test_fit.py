@@ -17,8 +17,8 @@ WAY, STEPS, IMAGE_SHAPE, TASKS = 3, 2, (8, 8, 1), 2
 def tiny_learner(schedule=None, seed=0):
     keras.utils.set_random_seed(seed)
     network = tf_mamlpp.MamlppNetwork(WAY, IMAGE_SHAPE, STEPS, filters=3, num_stages=2)
-    return tf_mamlpp.MetaLearner(network, keras.optimizers.Adam(1e-2), TASKS,
-                                 schedule=schedule or tf_mamlpp.Schedule(STEPS))
+    return tf_mamlpp.MetaLearner(network, keras.optimizers.Adam(1e-2),
+                                 schedule=schedule or tf_mamlpp.Schedule())
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def variable_values(network):
 def test_meta_step_updates_as_the_compiled_meta_update_does(make_tasks, second_order, bn_mode):
     """The readable one-device meta_step and the compiled, task-by-task wrapper agree."""
     tasks = make_tasks(TASKS, WAY, 1, 2, IMAGE_SHAPE)
-    phase = tf_mamlpp.Schedule(STEPS).at(0)._replace(second_order=second_order)
+    phase = tf_mamlpp.Schedule().at(0, STEPS)._replace(second_order=second_order)
     updated = []
     for step in ("plain", "wrapped"):
         keras.utils.set_random_seed(0)
@@ -48,8 +48,7 @@ def test_meta_step_updates_as_the_compiled_meta_update_does(make_tasks, second_o
         if step == "plain":
             tf_mamlpp.meta_step(network, optimizer, tasks, phase)
         else:
-            tf_mamlpp.MetaLearner(network, optimizer, TASKS).meta_update(
-                tasks, tf.constant(phase.msl_weights), second_order, phase.multi_step)
+            tf_mamlpp.MetaLearner(network, optimizer).meta_update(tasks, phase)
         updated.append(variable_values(network))
     for plain, wrapped, start in zip(*updated, initial):
         np.testing.assert_allclose(plain, wrapped, rtol=1e-4, atol=1e-6)
@@ -70,12 +69,12 @@ class PhaseLog(keras.callbacks.Callback):
 
 
 def test_fit_follows_msl_and_da_epoch_by_epoch(episodes):
-    schedule = tf_mamlpp.Schedule(STEPS, msl_epochs=2, first_order_epochs=1)
+    schedule = tf_mamlpp.Schedule(msl_epochs=2, first_order_epochs=1)
     learner = tiny_learner(schedule)
     log = PhaseLog()
     learner.fit(episodes.repeat(), epochs=4, steps_per_epoch=2, callbacks=[log], verbose=0)
     for epoch in range(4):
-        expected = schedule.at(epoch)
+        expected = schedule.at(epoch, STEPS)
         weights, multi_step, second_order = log.phases[epoch]
         np.testing.assert_allclose(weights, expected.msl_weights)
         assert (multi_step, second_order) == (expected.multi_step, expected.second_order)
@@ -85,7 +84,7 @@ def test_fit_follows_msl_and_da_epoch_by_epoch(episodes):
 
 def test_fit_anneals_the_meta_learning_rate_cosine_over_the_iterations(episodes):
     learner = tiny_learner()
-    learner.compile(optimizer=tf_mamlpp.meta_optimizer(1e-2, 1e-4, total_iterations=8))
+    learner.compile(optimizer=tf_mamlpp.meta_optimizer(1e-2, 1e-4, ca=True, total_iterations=8))
     learner.optimizer.build(learner.network.trainable_variables)
     learner.fit(episodes.repeat(), epochs=2, steps_per_epoch=4, verbose=0)
     assert int(learner.optimizer.iterations.numpy()) == 8

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from conftest import REPO, run_main
 from tf_mamlpp.data.class_images import DataError
-from tf_mamlpp.run.folder_task import classify_folders
+from tf_mamlpp.serving.folder_task import classify_folders
 
 ARCHIVE = REPO / "datasets" / "omniglot" / "images_evaluation.zip"
 WAY = 3

@@ -6,7 +6,7 @@ Three paths read an image file:
   (omniglot.py), then both through a task of the episode pipeline;
 - `--mode=adapt`: folder_task.py reads the support and query files and hands
   their bytes, unchanged, to the export's file signature;
-- the export's file signature: export.decode_files inside a tf.function of
+- the export's file signature: saved_model.decode_files inside a tf.function of
   the signature's input type.
 For PNG and JPEG files, grayscale and RGB, made grayscale or kept RGB, and
 for Omniglot's drawings, every path must give bit-identical pixels.
@@ -25,7 +25,7 @@ from tf_mamlpp.data import decoded_images, image_decoding
 from tf_mamlpp.data.episodes import EpisodeSpec, episode_dataset
 from tf_mamlpp.data.image_folders import index_splits
 from tf_mamlpp.data.omniglot import load_omniglot
-from tf_mamlpp.run import export, folder_task
+from tf_mamlpp.serving import folder_task, saved_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OMNIGLOT_DIR = REPO / "datasets" / "omniglot"
@@ -38,7 +38,7 @@ DRAWINGS = 3
 @functools.cache
 def signature_decoding(image_shape, rounded_to_uint8):
     """The file signature's decoding, traced as the export traces it."""
-    return tf.function(lambda files: export.decode_files(files, image_shape, rounded_to_uint8),
+    return tf.function(lambda files: saved_model.decode_files(files, image_shape, rounded_to_uint8),
                        input_signature=[tf.TensorSpec((None,), tf.string)])
 
 

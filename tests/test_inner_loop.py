@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.batch_norm_modes import BN_MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
 from tf_mamlpp.core.inner_loop import (adapt_and_evaluate, cross_entropy, inner_update,
                                         support_states)
 from tf_mamlpp.core.meta_learner import MetaLearner
-from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
+from tf_mamlpp.core.network import MamlppNetwork
+from tf_mamlpp.hardware.devices import grouped_convolution_gradients
 from tf_mamlpp.core.per_step_batch_norm import Moments
 from tf_mamlpp.ops import plain_tensorflow
 
@@ -34,7 +35,7 @@ FD_EPSILON, FD_RTOL, FD_ATOL = 1e-5, 1e-6, 1e-8
 def tiny_network(num_steps=STEPS, seed=0, **kwargs):
     """One conv stage of 2 filters on 4x4 images, with distinct per-state banks and rates."""
     keras.utils.set_random_seed(seed)
-    network = MamlppNetwork(way=WAY, image_shape=IMAGE_SHAPE, num_steps=num_steps, filters=2,
+    network = MamlppNetwork(way=WAY, image_shape=IMAGE_SHAPE, inner_steps=num_steps, filters=2,
                             num_stages=1, **kwargs)
     rng = np.random.default_rng(seed + 1)
     for norm in network.norms:
@@ -95,7 +96,7 @@ def tasks(make_tasks):
 
 def outer_loss(network, tasks, second_order, target_steps, msl_weights):
     """The multi-step target loss, adapted and scored in the network's batch-norm mode."""
-    result = adapt_and_evaluate(network, tasks, network.num_steps, second_order, target_steps,
+    result = adapt_and_evaluate(network, tasks, network.inner_steps, second_order, target_steps,
                                 network.bn_mode)
     return tf.reduce_sum(result["target_losses"] * msl_weights)
 
@@ -148,7 +149,7 @@ def score_by_hand(network, tasks, weights, state, bn_mode):
     return logits
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 @pytest.mark.parametrize("target_steps, msl_weights", [([1], [1.0]), ([0, 1], [0.3, 0.7])],
                          ids=["last step", "multi-step loss"])
 def test_second_order_meta_gradient_matches_finite_differences(target_steps, msl_weights,
@@ -189,7 +190,7 @@ def test_second_order_meta_gradient_matches_finite_differences(target_steps, msl
     assert worst > 1000 * FD_ATOL
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_a_float64_network_adapts_in_float64_end_to_end_on_the_plain_path(bn_mode):
     """No op of the second-order meta-gradient rounds to a narrower float, so the
     finite-difference check above holds float64's derivatives to float64's tolerance."""
@@ -207,7 +208,7 @@ def test_a_float64_network_adapts_in_float64_end_to_end_on_the_plain_path(bn_mod
     assert floats == {tf.float64}
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 @pytest.mark.parametrize("second_order", [True, False], ids=["second order", "first order"])
 def test_the_fast_path_gives_the_plain_paths_meta_gradients(tasks, bn_mode, second_order):
     """The closed-form kernels (tf_mamlpp.ops) change the meta-gradient by float32 rounding only.
@@ -226,7 +227,7 @@ def test_the_fast_path_gives_the_plain_paths_meta_gradients(tasks, bn_mode, seco
                                    atol=1e-4 * np.abs(gradient).max(), err_msg=path)
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 @pytest.mark.parametrize("num_steps", [1, 2])
 def test_first_order_meta_gradient_is_the_gradient_of_a_stopped_copy(
         tasks, adapt_by_hand, num_steps, bn_mode):
@@ -270,7 +271,7 @@ def test_first_order_meta_gradient_is_the_gradient_of_a_stopped_copy(
         assert np.all(np.abs(expected) > 1e-6)
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_first_and_second_order_differ_for_the_initial_weights(tasks, bn_mode):
     network = tiny_network(bn_mode=bn_mode)
     second = meta_gradients(network, tasks, True)
@@ -288,7 +289,7 @@ def test_first_and_second_order_differ_for_the_initial_weights(tasks, bn_mode):
     assert np.all(np.abs(first[gamma][STEPS]) > 1e-5)
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_inner_update_is_one_gradient_step_with_the_steps_rates_and_changes_no_variable(
         tasks, bn_mode):
     network = tiny_network(bn_mode=bn_mode)
@@ -375,7 +376,7 @@ def test_target_steps_must_include_the_last_step(tasks):
         adapt_and_evaluate(tiny_network(), tasks, STEPS, second_order=False, target_steps=[0])
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_more_steps_than_trained_reuse_the_last_steps_rates_and_banks(
         tasks, adapt_by_hand, bn_mode):
     network = tiny_network(bn_mode=bn_mode)
@@ -389,7 +390,7 @@ def test_more_steps_than_trained_reuse_the_last_steps_rates_and_banks(
     assert by_hand["rates"][3] == by_hand["rates"][1] != by_hand["rates"][0]
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_a_target_images_logits_depend_on_the_other_targets_only_when_transductive(
         make_tasks, bn_mode):
     """Outside TRANSDUCTIVE no target image is normalised by another target image."""
@@ -463,7 +464,7 @@ def test_support_mode_meta_gradient_flows_through_the_support_statistics(tasks, 
                                rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_tasks_adapted_together_equal_each_adapted_alone(make_tasks, bn_mode):
     """Folded tasks (grouped convolutions) give each task its own loss and gradient."""
     network = tiny_network(bn_mode=bn_mode)
@@ -475,7 +476,7 @@ def test_tasks_adapted_together_equal_each_adapted_alone(make_tasks, bn_mode):
         with pytest.raises(tf.errors.InvalidArgumentError):
             adapt_and_evaluate(network, pair, STEPS, True, [0, 1], bn_mode)
         with pytest.raises(ValueError, match="fold_tasks=True"):
-            MetaLearner(network, keras.optimizers.Adam(1e-3), global_batch_size=2,
+            MetaLearner(network, keras.optimizers.Adam(1e-3),
                         fold_tasks=True)
         return
     together = adapt_and_evaluate(network, pair, STEPS, True, [0, 1], bn_mode)

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 import tf_mamlpp
-from tf_mamlpp.core.batch_norm_modes import MODES, TASK_NORM
+from tf_mamlpp.core.batch_norm_modes import BN_MODES, TASK_NORM
 from tf_mamlpp.core.schedules import Phase
 from tf_mamlpp.run.config import SHIPPED_DATA
 
@@ -58,7 +58,7 @@ def meta_gradients(learner, tasks, second_order):
 
 
 @pytest.mark.parametrize("second_order", [False, True], ids=["first order", "second order"])
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_the_builtin_network_as_a_keras_backbone_gives_the_same_meta_gradients(
         make_tasks, bn_mode, second_order):
     builtin, backbone, pairs = twin_learners(bn_mode)
@@ -92,8 +92,8 @@ def test_banks_and_rates_are_created_for_the_backbone():
 
 
 def test_switched_off_techniques_shrink_the_banks_and_freeze_the_rates():
-    backbone = tf_mamlpp.KerasBackbone(builtin_as_keras(), STEPS, per_step_bn_statistics=False,
-                                       per_step_bn_affine=False, learn_inner_rates=False)
+    backbone = tf_mamlpp.KerasBackbone(builtin_as_keras(), STEPS, bnrs=False, bnwb=False,
+                                       lslr=False)
     assert all(norm.gamma.shape[0] == 1 and norm.moving_mean.shape[0] == 1
                for norm in backbone.norms)
     assert not any(rate.trainable for rate in backbone.inner_rates.values())
@@ -143,7 +143,7 @@ def small_user_backbone(way):
 def validation_accuracy(learner, images, spec):
     tasks = tf_mamlpp.episode_dataset(images, spec, 10, seed=1, num_tasks=200)
     accuracies = np.concatenate([
-        learner.evaluate_batch(batch, learner.eval_inner_steps, learner.bn_mode)["accuracies"]
+        learner.evaluate_batch(batch, learner.eval_inner_steps, backbone.bn_mode)["accuracies"]
         [:, -1] for batch in tasks])
     return tf_mamlpp.mean_and_interval(accuracies)
 
@@ -155,10 +155,10 @@ def test_a_user_backbone_meta_trains_on_omniglot_above_its_untrained_baseline():
     splits = tf_mamlpp.split_classes(tf_mamlpp.num_background_classes(images),
                                      images.num_classes)
     spec = tf_mamlpp.EpisodeSpec(way=5, shot=1, query=1)
-    backbone = tf_mamlpp.KerasBackbone(small_user_backbone(5), num_steps=3, bn_mode="support")
+    backbone = tf_mamlpp.KerasBackbone(small_user_backbone(5), inner_steps=3, bn_mode="support")
     learner = tf_mamlpp.MetaLearner(
-        backbone, tf_mamlpp.meta_optimizer(3e-3, 1e-4, total_iterations=150),
-        schedule=tf_mamlpp.Schedule(3, msl_epochs=2, first_order_epochs=2))
+        backbone, tf_mamlpp.meta_optimizer(3e-3, 1e-4, ca=True, total_iterations=150),
+        schedule=tf_mamlpp.Schedule(msl_epochs=2, first_order_epochs=2))
     before, before_interval = validation_accuracy(learner, images.select(splits["val"]), spec)
     episodes = tf_mamlpp.episode_dataset(images.select(splits["train"]), spec, 4, seed=0,
                                          augment=True)

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from conftest import run_main
+from tf_mamlpp.core.batch_norm_modes import BN_MODES
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +41,7 @@ def read_results(run_dir):
     return json.loads((run_dir / "results.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["transductive", "support", "task_norm", "running"])
+@pytest.mark.parametrize("mode", BN_MODES)
 def test_every_batch_norm_mode_learns(mode, short_run, tmp_path):
     """Each offered mode's short run tests above the un-meta-trained network in that mode."""
     if mode == "transductive":

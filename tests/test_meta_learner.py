@@ -22,10 +22,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.batch_norm_modes import BN_MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
 from tf_mamlpp.core.meta_learner import MetaLearner
-from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
+from tf_mamlpp.core.network import MamlppNetwork
+from tf_mamlpp.core.schedules import Phase
+from tf_mamlpp.hardware.devices import grouped_convolution_gradients
 
 WAY, IMAGE_SHAPE, STEPS, TASKS = 2, (4, 4, 1), 2, 2
 STATES = STEPS + 1
@@ -35,12 +37,12 @@ MOMENTUM = 0.1
 
 def tiny_network(seed=0, **kwargs):
     keras.utils.set_random_seed(seed)
-    return MamlppNetwork(way=WAY, image_shape=IMAGE_SHAPE, num_steps=STEPS, filters=2,
+    return MamlppNetwork(way=WAY, image_shape=IMAGE_SHAPE, inner_steps=STEPS, filters=2,
                          num_stages=1, bn_momentum=MOMENTUM, **kwargs)
 
 
 def meta_learner(network, **kwargs):
-    return MetaLearner(network, keras.optimizers.Adam(1e-2), global_batch_size=TASKS, **kwargs)
+    return MetaLearner(network, keras.optimizers.Adam(1e-2), **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +64,8 @@ def task_slice(tasks, start, stop):
 
 def task_gradients(learner, batch, second_order, multi_step, msl_weights=MSL_WEIGHTS):
     """{path: gradient summed over the tasks} from one eager meta-gradient computation."""
-    sums = learner._task_by_task(batch, tf.constant(msl_weights, tf.float32), second_order,
-                                 multi_step)
+    sums = learner._task_by_task(
+        batch, Phase(tf.constant(msl_weights, tf.float32), multi_step, second_order))
     return {v.path: g.numpy() for v, g in zip(learner.network.trainable_variables,
                                               sums["gradients"])}
 
@@ -148,7 +150,7 @@ def one_step(batch):
     reference = per_task_reference(network, batch, [0, 1])
     gradients = task_gradients(learner, batch, True, True)
     before = values(network.variables)
-    measurements = learner.meta_update(batch, weights, True, True)
+    measurements = learner.meta_update(batch, Phase(weights, True, True))
     return {"network": network, "learner": learner, "reference": reference,
             "gradients": gradients, "before": before, "after": values(network.variables),
             "measurements": {name: float(value) for name, value in measurements.items()}}
@@ -167,7 +169,7 @@ def test_meta_update_applies_the_meta_gradient(one_step):
                                    err_msg=variable.path)
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 @pytest.mark.slow
 def test_a_meta_update_gives_every_trainable_variable_a_meta_gradient_in_every_mode(
         batch, bn_mode):
@@ -180,7 +182,7 @@ def test_a_meta_update_gives_every_trainable_variable_a_meta_gradient_in_every_m
     blend = {"blend_scale", "blend_offset"}
     assert (blend <= names) if bn_mode == TASK_NORM else not blend & names
     before = values(network.trainable_variables)
-    measurements = learner.meta_update(batch, tf.constant(MSL_WEIGHTS), True, True)
+    measurements = learner.meta_update(batch, Phase(tf.constant(MSL_WEIGHTS), True, True))
     assert float(measurements["gradient_norm"]) > 0
     for variable in network.trainable_variables:
         for index, (old, new) in enumerate(zip(rows(before[variable.path]),
@@ -208,7 +210,7 @@ def test_meta_update_folds_each_states_support_statistics_into_its_bank_row(
     means, variances = support_statistics_by_hand(network, batch, adapt_by_hand)
     # Each state's statistics differ, so a shifted row would show.
     assert np.abs(np.diff(means, axis=0)).min() > 1e-4
-    meta_learner(network).meta_update(batch, tf.constant(MSL_WEIGHTS), False, True)
+    meta_learner(network).meta_update(batch, Phase(tf.constant(MSL_WEIGHTS), True, False))
     new_mean, new_variance = norm.moving_mean.numpy(), norm.moving_variance.numpy()
     # The statistics each row was moved towards.
     towards_mean = (new_mean - (1 - MOMENTUM) * old_mean) / MOMENTUM
@@ -247,16 +249,16 @@ def test_switched_off_techniques_remove_exactly_their_variables():
     assert len(rates) == 2
     assert {full_trainable[name] for name in rates} == {(STEPS,)}
     assert full_trainable["gamma"] == full_trainable["beta"] == (STATES, 2)
-    no_lslr = tiny_network(learn_inner_rates=False)
+    no_lslr = tiny_network(lslr=False)
     assert shapes(no_lslr.trainable_variables) == {
         name: shape for name, shape in full_trainable.items() if name not in rates}
     assert shapes(no_lslr.non_trainable_variables) == {
         **full_banks, **{name: full_trainable[name] for name in rates}}
-    no_bnwb = tiny_network(per_step_bn_affine=False)
+    no_bnwb = tiny_network(bnwb=False)
     assert shapes(no_bnwb.trainable_variables) == {
         **full_trainable, "gamma": (1, 2), "beta": (1, 2)}
     assert shapes(no_bnwb.non_trainable_variables) == full_banks
-    no_bnrs = tiny_network(per_step_bn_statistics=False)
+    no_bnrs = tiny_network(bnrs=False)
     assert shapes(no_bnrs.trainable_variables) == full_trainable
     assert shapes(no_bnrs.non_trainable_variables) == {"moving_mean": (1, 2),
                                                        "moving_variance": (1, 2)}
@@ -271,12 +273,11 @@ def test_switched_off_techniques_remove_exactly_their_variables():
 @pytest.mark.parametrize("bn_mode, states", [(TRANSDUCTIVE, STEPS), (RUNNING, STATES)])
 @pytest.mark.slow
 def test_meta_update_without_lslr_bnwb_bnrs(batch, adapt_by_hand, bn_mode, states):
-    network = tiny_network(learn_inner_rates=False, per_step_bn_affine=False,
-                           per_step_bn_statistics=False, inner_lr=0.25, bn_mode=bn_mode)
+    network = tiny_network(lslr=False, bnwb=False, bnrs=False, inner_lr=0.25, bn_mode=bn_mode)
     learner = meta_learner(network)
     means, variances = support_statistics_by_hand(network, batch, adapt_by_hand)
     before = values(network.variables)
-    learner.meta_update(batch, tf.constant(MSL_WEIGHTS), True, True)
+    learner.meta_update(batch, Phase(tf.constant(MSL_WEIGHTS), True, True))
     for rates in network.inner_rates.values():
         np.testing.assert_array_equal(rates.numpy(), [0.25] * STEPS)
     norm = network.norms[0]
@@ -340,8 +341,8 @@ def test_task_by_task_sums_are_the_single_tasks_steps(batch):
     """`_task_by_task` sums each task's own meta-step and averages its statistics."""
     learner = meta_learner(tiny_network())
     weights = tf.constant(MSL_WEIGHTS)
-    together = learner._task_by_task(batch, weights, True, True)
-    alone = [learner._tasks_step(task_slice(batch, t, t + 1), weights, True, True)
+    together = learner._task_by_task(batch, Phase(weights, True, True))
+    alone = [learner._tasks_step(task_slice(batch, t, t + 1), Phase(weights, True, True))
              for t in range(TASKS)]
     for name in ("loss", "accuracy", "target_losses"):
         np.testing.assert_allclose(together[name].numpy(),
@@ -366,8 +367,8 @@ def test_folded_and_one_at_a_time_tasks_give_the_same_sums(batch):
         return
     learner = meta_learner(tiny_network(), fold_tasks=True)
     weights = tf.constant(MSL_WEIGHTS)
-    folded = learner._tasks_step(batch, weights, True, True)
-    sequential = learner._task_by_task(batch, weights, True, True)
+    folded = learner._tasks_step(batch, Phase(weights, True, True))
+    sequential = learner._task_by_task(batch, Phase(weights, True, True))
     for name in ("loss", "accuracy", "target_losses"):
         np.testing.assert_allclose(folded[name].numpy(), sequential[name].numpy(), rtol=1e-5,
                                    err_msg=name)
@@ -388,22 +389,22 @@ def test_the_meta_step_traces_once_per_switch_combination(batch, fold_tasks):
     learner = meta_learner(tiny_network(), fold_tasks=fold_tasks)
     schedule = [[0.5, 0.5], [0.45, 0.55], [0.4, 0.6], [0.5, 0.5], [0.3, 0.7]]
     for weights in schedule:
-        learner.meta_update(batch, tf.constant(weights), False, True)
+        learner.meta_update(batch, Phase(tf.constant(weights), True, False))
     assert learner.trace_count == 1
     # DA switches to second order once: one more trace, and another update.
     state = learner.network.variables + learner.optimizer.variables
     saved = [v.numpy() for v in state]
-    learner.meta_update(batch, tf.constant([0.3, 0.7]), True, True)
+    learner.meta_update(batch, Phase(tf.constant([0.3, 0.7]), True, True))
     assert learner.trace_count == 2
     second_order_update = values(learner.network.trainable_variables)
     for variable, value in zip(state, saved):
         variable.assign(value)
-    learner.meta_update(batch, tf.constant([0.3, 0.7]), False, True)
+    learner.meta_update(batch, Phase(tf.constant([0.3, 0.7]), True, False))
     first_order_update = values(learner.network.trainable_variables)
     kernel = learner.network.fast_variables["conv0/kernel"].path
     assert np.abs(second_order_update[kernel] - first_order_update[kernel]).max() > 1e-5
     for weights in schedule:
-        learner.meta_update(batch, tf.constant(weights), True, True)
+        learner.meta_update(batch, Phase(tf.constant(weights), True, True))
     assert learner.trace_count == 2
 
 
@@ -440,13 +441,13 @@ def test_evaluate_batch_scores_every_step(batch, adapt_by_hand, num_steps, train
                                    rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("bn_mode", MODES)
+@pytest.mark.parametrize("bn_mode", BN_MODES)
 @pytest.mark.slow
 def test_evaluate_batch_takes_any_number_of_tasks(batch, make_tasks, bn_mode):
     """After training on batches of TASKS tasks, batches of 5, 3, 1 and 2 tasks
     are evaluated, and each task gets the results it gets in the batch of 5."""
     network, learner = evaluation_learner(bn_mode)
-    learner.meta_update(batch, tf.constant(MSL_WEIGHTS), False, True)
+    learner.meta_update(batch, Phase(tf.constant(MSL_WEIGHTS), True, False))
     tasks = make_tasks(5, WAY, shot=2, query=3, image_shape=IMAGE_SHAPE, seed=7)
     full = {name: value.numpy() for name, value in
             learner.evaluate_batch(tasks, STEPS, bn_mode).items()}

@@ -30,11 +30,14 @@ from conftest import TIMEOUT, run_main, run_python, slow_tests_selected
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate, inner_update
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.run import config as config_module
-from tf_mamlpp.run import export
+from tf_mamlpp.serving import saved_model
 from tf_mamlpp.core.mixed_precision import DynamicLossScale, all_finite, compute_dtype
-from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
+from tf_mamlpp.core.network import MamlppNetwork
+from tf_mamlpp.hardware.devices import grouped_convolution_gradients
 from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError
-from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer, build_network
+from tf_mamlpp.core.schedules import Phase
+from tf_mamlpp.run.builders import build_network
+from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer
 
 from test_inner_loop import smooth_problem
 
@@ -61,6 +64,7 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.mixed_precision import DynamicLossScale
     from tf_mamlpp.core.network import MamlppNetwork
+    from tf_mamlpp.core.schedules import Phase
 
     rng = np.random.default_rng(0)
     batch = {"support_images": tf.constant(rng.random((2, 2, 8, 8, 1)), tf.float32),
@@ -74,13 +78,13 @@ MIRRORED_SCRIPT = textwrap.dedent("""
         keras.utils.set_random_seed(0)
         with strategy.scope():
             network = MamlppNetwork(2, (8, 8, 1), 1, filters=4, num_stages=2)
-            return MetaLearner(network, keras.optimizers.Adam(1e-2), 2, strategy=strategy,
+            return MetaLearner(network, keras.optimizers.Adam(1e-2), strategy=strategy,
                                loss_scale=DynamicLossScale(2.0**10))
 
     def step(learner, batch):
         variables = learner.network.variables
         before = [v.numpy().tolist() for v in variables]
-        figures = learner.meta_update(batch, tf.constant([1.0]), True, False)
+        figures = learner.meta_update(batch, Phase(tf.constant([1.0]), False, True))
         return {"before": before, "after": [v.numpy().tolist() for v in variables],
                 "figures": {k: float(v) for k, v in figures.items()},
                 "scale": float(learner.loss_scale.scale.numpy()),
@@ -133,24 +137,24 @@ def task(make_tasks):
     return make_tasks(1, WAY, shot=1, query=2, image_shape=IMAGE_SHAPE)
 
 
-def tiny_network(num_steps=STEPS, margin=0.0):
+def tiny_network(inner_steps=STEPS, margin=0.0):
     """`margin`: a head bias that puts class 0 that far ahead of class 1."""
     keras.utils.set_random_seed(0)
-    network = MamlppNetwork(WAY, IMAGE_SHAPE, num_steps, filters=8, num_stages=2)
+    network = MamlppNetwork(WAY, IMAGE_SHAPE, inner_steps, filters=8, num_stages=2)
     network.head_bias.assign([margin, 0.0])
     return network
 
 
 def tiny_learner(mixed, initial_scale=2.0**10, **network_args):
     loss_scale = DynamicLossScale(initial_scale) if mixed else None
-    return MetaLearner(tiny_network(**network_args), keras.optimizers.Adam(1e-2), 1,
+    return MetaLearner(tiny_network(**network_args), keras.optimizers.Adam(1e-2),
                        loss_scale=loss_scale)
 
 
 def meta_gradients(learner, task, second_order, multi_step=True):
     """{name: meta-gradient}, computed eagerly on the meta-learner's default path."""
-    sums = learner._task_by_task(task, tf.constant(MSL_WEIGHTS), second_order,
-                                       multi_step)
+    sums = learner._task_by_task(
+        task, Phase(tf.constant(MSL_WEIGHTS), multi_step, second_order))
     return {v.path.split("/", 1)[1]: g.numpy()
             for v, g in zip(learner.network.trainable_variables, sums["gradients"])}
 
@@ -215,7 +219,7 @@ def confident_task(task):
 def test_small_inner_gradients_underflow_in_float16_unless_the_loss_is_scaled(confident_task):
     """Inner rates of 2**30 (exact in binary) make a step large enough to read the
     inner gradient back from the weights in float32: g = (w - w') / rate."""
-    network = tiny_network(num_steps=1, margin=MARGIN)
+    network = tiny_network(inner_steps=1, margin=MARGIN)
     for rates in network.inner_rates.values():
         rates.assign(tf.fill(rates.shape, 2.0**30))
     weights = network.initial_fast_weights(1)
@@ -241,13 +245,13 @@ def test_meta_learner_scales_the_inner_losses(confident_task):
     """The meta-gradient of the conv layers' learned rates is minus the inner gradient
     dotted with the outer one, so it is lost with an underflowing inner gradient."""
     rates = ("conv0_inner_rate", "conv1_inner_rate")
-    gradients = {mixed: meta_gradients(tiny_learner(mixed, SCALE, num_steps=1, margin=MARGIN),
+    gradients = {mixed: meta_gradients(tiny_learner(mixed, SCALE, inner_steps=1, margin=MARGIN),
                                        confident_task, True, multi_step=False)
                  for mixed in (False, True)}
     expected = {name: gradients[False][name] for name in rates}
     assert relative_error(gradients[True], expected) < TOLERANCE
     # The same float16 meta-gradient with the outer loss scaled and the inner ones not.
-    network = tiny_network(num_steps=1, margin=MARGIN)
+    network = tiny_network(inner_steps=1, margin=MARGIN)
     variables = [network.inner_rates[name.removesuffix("_inner_rate")] for name in rates]
     with tf.GradientTape() as tape:
         result = adapt_and_evaluate(network, confident_task, 1, True, [0],
@@ -259,11 +263,11 @@ def test_meta_learner_scales_the_inner_losses(confident_task):
 
 @pytest.mark.slow
 def test_an_overflow_skips_the_update_and_halves_the_scale(task):
-    learner = tiny_learner(mixed=True, num_steps=1)
+    learner = tiny_learner(mixed=True, inner_steps=1)
     network, optimizer = learner.network, learner.optimizer
     weights = tf.constant([1.0])
     before = [v.numpy().copy() for v in network.trainable_variables]
-    figures = learner.meta_update(task, weights, False, False)
+    figures = learner.meta_update(task, Phase(weights, False, False))
     assert (float(figures["skipped_updates"]), float(figures["loss_scale"])) == (0, 2.0**10)
     for variable, old in zip(network.trainable_variables, before):
         assert np.abs(variable.numpy() - old).max() > 1e-4, variable.path
@@ -273,7 +277,7 @@ def test_an_overflow_skips_the_update_and_halves_the_scale(task):
     state = lambda: [v.numpy().copy() for v in network.variables + optimizer.variables
                      if v is not optimizer.iterations]
     before = state()
-    figures = learner.meta_update(task, weights, False, False)
+    figures = learner.meta_update(task, Phase(weights, False, False))
     assert (float(figures["skipped_updates"]), float(figures["loss_scale"])) == (1, 2.0**40)
     assert not np.isfinite(figures["gradient_norm"]) and figures["update_norm"] == 0
     # Weights, batch-norm banks, Adam's moments: untouched.
@@ -325,10 +329,10 @@ def test_folded_tasks_give_the_task_loops_meta_gradient_in_16_bits(make_tasks):
 
     def meta_gradient(fold, dtype):
         loss_scale = None if dtype == tf.float32 else DynamicLossScale(2.0**10, compute_dtype=dtype)
-        learner = MetaLearner(tiny_network(), keras.optimizers.Adam(1e-2), 2, fold_tasks=fold,
+        learner = MetaLearner(tiny_network(), keras.optimizers.Adam(1e-2), fold_tasks=fold,
                               loss_scale=loss_scale)
         step = learner._tasks_step if fold else learner._task_by_task
-        return step(tasks, tf.constant(MSL_WEIGHTS), True, True)["gradients"]
+        return step(tasks, Phase(tf.constant(MSL_WEIGHTS), True, True))["gradients"]
 
     dtype = compute_dtype()
     if not grouped_convolution_gradients(dtype):
@@ -352,7 +356,7 @@ def test_a_mixed_precision_trainer_computes_in_bfloat16_on_a_cpu_and_float16_on_
     learner = Trainer(config, RunDirectory.open(tmp_path, "run", config)).meta_learner
     task = make_tasks(1, 3, shot=1, query=1, image_shape=(28, 28, 1))
     graph = tf.function(learner._tasks_step).get_concrete_function(
-        task, tf.constant([1.0]), True, False).graph
+        task, Phase(tf.constant([1.0]), multi_step=False, second_order=True)).graph
     expected = tf.float16 if tf.config.list_physical_devices("GPU") else tf.bfloat16
     assert compute_dtype() == expected
     for kind in ("Conv2D", "Conv2DBackpropFilter", "FusedBatchNormV3", "MaxPool"):
@@ -366,9 +370,9 @@ def test_the_xla_compiled_second_order_step_matches_the_plain_one_in_float16():
     every op of the step (max-pooling's second derivative is a mask and a window sum,
     not MaxPoolGradGrad, which XLA lacks in float16)."""
     network, task = smooth_problem()
-    sums = {jit: tf.function(MetaLearner(network, keras.optimizers.Adam(1e-2), 1,
+    sums = {jit: tf.function(MetaLearner(network, keras.optimizers.Adam(1e-2),
                                          loss_scale=DynamicLossScale(2.0**10))._task_by_task,
-                             jit_compile=jit)(task, tf.constant(MSL_WEIGHTS), True, True)
+                             jit_compile=jit)(task, Phase(tf.constant(MSL_WEIGHTS), True, True))
             for jit in (False, True)}
     for compiled, plain in zip(sums[True]["gradients"], sums[False]["gradients"]):
         np.testing.assert_allclose(compiled, plain, rtol=TOLERANCE,
@@ -454,7 +458,7 @@ def test_the_export_of_a_mixed_precision_run_serves_float32(run):
     network = build_network(run_dir.config)
     tf.train.Checkpoint(network=network).read(
         run_dir.checkpoint_path(run_dir.best_checkpoints()[0][2])).expect_partial()
-    expected = export.AdaptingModel(network, 1).adapt_and_predict(
+    expected = saved_model.AdaptingModel(network, 1).adapt_and_predict(
         tf.constant(support), tf.constant(labels), tf.constant(queries))
     np.testing.assert_allclose(out["logits"].numpy(), expected["logits"].numpy(),
                                rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.batch_norm_modes import BN_MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
 from tf_mamlpp.core.network import MamlppNetwork
 from tf_mamlpp.core.per_step_batch_norm import Moments
 
@@ -19,7 +19,7 @@ STATES = STEPS + 1  # one weight state before adaptation and one after each step
 
 
 def tiny_network(**kwargs):
-    settings = dict(way=WAY, image_shape=IMAGE_SHAPE, num_steps=STEPS, filters=FILTERS,
+    settings = dict(way=WAY, image_shape=IMAGE_SHAPE, inner_steps=STEPS, filters=FILTERS,
                     num_stages=STAGES)
     settings.update(kwargs)
     return MamlppNetwork(**settings)
@@ -136,10 +136,10 @@ def variable_weights(network):
 
 
 def test_feature_size_of_the_paper_networks():
-    omniglot = MamlppNetwork(way=5, image_shape=(28, 28, 1), num_steps=5, filters=64)
+    omniglot = MamlppNetwork(way=5, image_shape=(28, 28, 1), inner_steps=5, filters=64)
     assert omniglot.feature_size == 64  # 28 -> 14 -> 7 -> 3 -> 1
     assert tuple(omniglot.fast_variables["head/kernel"].shape) == (64, 5)
-    imagenet = MamlppNetwork(way=5, image_shape=(84, 84, 3), num_steps=5, filters=48)
+    imagenet = MamlppNetwork(way=5, image_shape=(84, 84, 3), inner_steps=5, filters=48)
     assert imagenet.feature_size == 1200  # 84 -> 42 -> 21 -> 10 -> 5; 5*5*48
     assert tuple(imagenet.fast_variables["conv0/kernel"].shape) == (3, 3, 3, 48)
 
@@ -147,7 +147,7 @@ def test_feature_size_of_the_paper_networks():
 @pytest.mark.parametrize("size, stages", [(8, 4), (1, 1), (15, 4)])
 def test_an_image_that_pools_to_nothing_raises_naming_the_flag(size, stages):
     with pytest.raises(ValueError, match="image_size="):
-        MamlppNetwork(way=5, image_shape=(size, size, 1), num_steps=1, filters=2,
+        MamlppNetwork(way=5, image_shape=(size, size, 1), inner_steps=1, filters=2,
                       num_stages=stages)
 
 
@@ -216,7 +216,7 @@ def test_the_activation_is_leaky_relu_with_slope_one_hundredth():
         assert np.abs(other - leaky).max() > 1e-3, other_slope
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BN_MODES)
 def test_forward_with_other_fast_weights_runs_each_task_with_its_own_and_changes_nothing(mode):
     network = tiny_network(bn_mode=mode)
     randomise_banks(network)
@@ -247,7 +247,7 @@ def test_forward_with_other_fast_weights_runs_each_task_with_its_own_and_changes
     assert all(np.array_equal(before[name], after[name]) for name in before)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BN_MODES)
 def test_only_the_transductive_mode_lets_a_target_depend_on_other_targets(mode):
     network = tiny_network(bn_mode=mode)
     randomise_banks(network)
@@ -264,7 +264,7 @@ def test_only_the_transductive_mode_lets_a_target_depend_on_other_targets(mode):
         assert difference < 1e-5
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BN_MODES)
 def test_target_logits_reach_the_support_set_exactly_where_the_mode_reads_it(mode):
     network = tiny_network(bn_mode=mode, num_stages=1)
     randomise_banks(network)
@@ -283,7 +283,7 @@ def test_target_logits_reach_the_support_set_exactly_where_the_mode_reads_it(mod
         assert gradient is None or not np.any(gradient.numpy())
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BN_MODES)
 def test_support_moments_are_each_tasks_own_mean_and_biased_variance(mode):
     network = tiny_network(num_stages=1, bn_mode=mode)
     batch = images(2, 4, seed=3)
@@ -301,16 +301,16 @@ def test_support_moments_are_each_tasks_own_mean_and_biased_variance(mode):
                                    rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("learn_inner_rates", [True, False])
-def test_lslr_rates_one_per_layer_and_step_starting_at_inner_lr(learn_inner_rates):
-    network = tiny_network(learn_inner_rates=learn_inner_rates, inner_lr=0.37)
+@pytest.mark.parametrize("lslr", [True, False])
+def test_lslr_rates_one_per_layer_and_step_starting_at_inner_lr(lslr):
+    network = tiny_network(lslr=lslr, inner_lr=0.37)
     assert sorted(network.inner_rates) == ["conv0", "conv1", "head"]
     trainable = {id(v) for v in network.trainable_variables}
     for rates in network.inner_rates.values():
         assert tuple(rates.shape) == (STEPS,)
         np.testing.assert_allclose(rates.numpy(), [0.37] * STEPS, rtol=1e-6)
-        assert rates.trainable is learn_inner_rates
-        assert (id(rates) in trainable) is learn_inner_rates
+        assert rates.trainable is lslr
+        assert (id(rates) in trainable) is lslr
     # Every fast weight belongs to a layer that has rates.
     assert {name.split("/")[0] for name in network.fast_variables} == set(network.inner_rates)
 
@@ -328,15 +328,14 @@ def test_inner_rate_is_the_layers_rate_for_the_step_and_clamps_past_the_last():
         network.inner_rate("head/kernel", -1)
 
 
-@pytest.mark.parametrize("per_step_bn_statistics", [True, False])
-@pytest.mark.parametrize("per_step_bn_affine", [True, False])
-def test_batch_norm_bank_shapes_follow_the_switches(per_step_bn_statistics, per_step_bn_affine):
-    network = tiny_network(per_step_bn_statistics=per_step_bn_statistics,
-                           per_step_bn_affine=per_step_bn_affine)
+@pytest.mark.parametrize("bnrs", [True, False])
+@pytest.mark.parametrize("bnwb", [True, False])
+def test_batch_norm_bank_shapes_follow_the_switches(bnrs, bnwb):
+    network = tiny_network(bnrs=bnrs, bnwb=bnwb)
     assert len(network.norms) == STAGES
     # One row per weight state: the initialisation and one after each of the steps.
-    affine_rows = STEPS + 1 if per_step_bn_affine else 1
-    stat_rows = STEPS + 1 if per_step_bn_statistics else 1
+    affine_rows = STEPS + 1 if bnwb else 1
+    stat_rows = STEPS + 1 if bnrs else 1
     for norm in network.norms:
         assert tuple(norm.gamma.shape) == tuple(norm.beta.shape) == (affine_rows, FILTERS)
         assert tuple(norm.moving_mean.shape) == (stat_rows, FILTERS)
@@ -358,7 +357,7 @@ def test_the_last_weight_state_reads_its_own_bank_row():
     np.testing.assert_allclose(last.numpy(), before_last.numpy(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", BN_MODES)
 def test_variable_inventory(mode):
     network = tiny_network(bn_mode=mode)
     assert network.bn_mode == mode
@@ -381,7 +380,7 @@ def test_variable_inventory(mode):
 
 @pytest.mark.parametrize("mode", [TRANSDUCTIVE, TASK_NORM])
 def test_config_rebuilds_the_same_network(mode):
-    network = tiny_network(per_step_bn_affine=False, learn_inner_rates=False, inner_lr=0.2,
+    network = tiny_network(bnwb=False, lslr=False, inner_lr=0.2,
                            bn_mode=mode)
     clone = MamlppNetwork(**network.get_config())
     assert clone.bn_mode == mode

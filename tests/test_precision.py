@@ -12,7 +12,7 @@ from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.core.mixed_precision import compute_dtype
 from tf_mamlpp.run import precision
 from tf_mamlpp.run.config import AUTO, resolve
-from tf_mamlpp.run.machine import cpu_description
+from tf_mamlpp.hardware.machine import cpu_description
 from tf_mamlpp.run.run_directory import RunDirectory
 from tf_mamlpp.run.trainer import Trainer
 

@@ -34,6 +34,6 @@ def test_the_library_example_meta_trains_and_writes_its_callbacks_files(tmp_path
     exec(compile(library_example(), "README.md", "exec"), namespace)
     learner = namespace["learner"]
     assert int(learner.optimizer.iterations.numpy()) == 2 * 5
-    assert learner.phase[1:] == learner.schedule.at(1)[1:]  # MSL and DA of the last epoch
+    assert learner.phase[1:] == learner.phase_at(1)[1:]  # MSL and DA of the last epoch
     assert list((tmp_path / "logs").glob("train/events.out.tfevents.*"))
     assert "'accuracy'" in capsys.readouterr().out

@@ -143,7 +143,7 @@ def test_read_history_cuts_to_the_epochs_the_checkpoint_holds(tmp_path, config):
 
 
 def test_best_k_keeps_exactly_the_top_k_and_deletes_the_rest(tmp_path, config):
-    run = RunDirectory.open(tmp_path, "exp", config, keep_best=2)
+    run = RunDirectory.open(tmp_path, "exp", dataclasses.replace(config, ensemble_top_k=2))
     checkpoint, history = make_checkpoint(), []
     accuracies = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.8, 5: 0.4}
     for epoch, accuracy in accuracies.items():
@@ -160,11 +160,11 @@ def test_best_k_keeps_exactly_the_top_k_and_deletes_the_rest(tmp_path, config):
         restored.read(run.checkpoint_path(prefix)).assert_existing_objects_matched()
         np.testing.assert_array_equal(restored.weights.numpy(), [epoch] * 3)
     # The record survives a reopen.
-    assert RunDirectory(run.path, keep_best=2).best_checkpoints() == best
+    assert RunDirectory(run.path).best_checkpoints() == best
 
 
 def test_best_k_ties_go_to_the_earlier_epoch(tmp_path, config):
-    run = RunDirectory.open(tmp_path, "exp", config, keep_best=2)
+    run = RunDirectory.open(tmp_path, "exp", dataclasses.replace(config, ensemble_top_k=2))
     checkpoint, history = make_checkpoint(), []
     for epoch in (1, 2, 3):
         run_epoch(run, checkpoint, history, epoch, 0.5)

@@ -18,7 +18,9 @@ import tensorflow as tf
 
 from conftest import run_python
 from tf_mamlpp.core.meta_learner import MetaLearner
-from tf_mamlpp.core.network import MamlppNetwork, grouped_convolution_gradients
+from tf_mamlpp.core.network import MamlppNetwork
+from tf_mamlpp.core.schedules import Phase
+from tf_mamlpp.hardware.devices import grouped_convolution_gradients
 
 
 def random_tasks(num_tasks, way, shot, query, size, seed=0):
@@ -51,9 +53,9 @@ def assert_folding_is_refused(second_order, tasks, jit_compile=False):
 def one_step(fold_tasks, second_order, tasks, parallel_tasks=1, jit_compile=False):
     keras.utils.set_random_seed(3)
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 3, fold_tasks=fold_tasks,
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-2), fold_tasks=fold_tasks,
                           parallel_tasks=parallel_tasks, jit_compile=jit_compile)
-    figures = learner.meta_update(tasks, tf.constant([0.3, 0.7]), second_order, True)
+    figures = learner.meta_update(tasks, Phase(tf.constant([0.3, 0.7]), True, second_order))
     return ([np.asarray(v.numpy()) for v in network.variables],
             {name: float(value) for name, value in figures.items()})
 
@@ -91,7 +93,7 @@ def test_parallel_tasks_give_the_plain_step(second_order):
 def test_parallel_tasks_reach_the_task_loop():
     tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8)
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-2), 3, parallel_tasks=3)
+    learner = MetaLearner(network, keras.optimizers.Adam(1e-2), parallel_tasks=3)
     graph = learner._replica_train_step.get_concrete_function(
         tasks, tf.constant([0.3, 0.7]), False, True).graph
     loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
@@ -121,7 +123,7 @@ def test_the_xla_compiled_step_gives_the_plain_step(second_order, fold_tasks):
 def test_cpu_threads_share_the_cores_among_parallel_tasks():
     script = textwrap.dedent("""
         import tensorflow as tf
-        from tf_mamlpp.run import cpu_threads
+        from tf_mamlpp.hardware import cpu_threads
         cpu_threads.configure(2)
         print(tf.config.threading.get_intra_op_parallelism_threads(),
               tf.config.threading.get_inter_op_parallelism_threads())
@@ -132,6 +134,6 @@ def test_cpu_threads_share_the_cores_among_parallel_tasks():
 
 
 def test_parallel_tasks_below_one_are_refused():
-    from tf_mamlpp.run import cpu_threads
+    from tf_mamlpp.hardware import cpu_threads
     with pytest.raises(ValueError, match="--parallel_tasks must be at least 1"):
         cpu_threads.configure(0)

@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from conftest import run_main
+from tf_mamlpp.core.batch_norm_modes import SUPPORT, TRANSDUCTIVE
 
 pytestmark = pytest.mark.slow
 
@@ -128,7 +129,7 @@ def test_learned_inner_rates_of_every_layer_and_step_each_epoch(events):
                for layer in LAYERS for step in range(STEPS))
 
 
-@pytest.mark.parametrize("mode", ["transductive", "support"])
+@pytest.mark.parametrize("mode", [TRANSDUCTIVE, SUPPORT])
 def test_validation_accuracy_and_interval_each_epoch_as_trained_and_as_exported(events, run,
                                                                                   mode):
     accuracy = scalars(events, f"val_{mode}/accuracy")
@@ -188,7 +189,7 @@ def test_progress_off_a_terminal_is_plain_lines(run):
     assert any(line.startswith("test tasks (transductive batch norm) 4/4 ") for line in lines)
 
 
-@pytest.mark.parametrize("mode", ["transductive", "support"])
+@pytest.mark.parametrize("mode", [TRANSDUCTIVE, SUPPORT])
 def test_ensemble_test_accuracy_as_trained_and_as_exported(events, run, mode):
     results = json.loads((run[0] / "results.json").read_text())
     expected = results if mode == results["bn_mode"] else results["serving"]

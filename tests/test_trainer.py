@@ -15,9 +15,9 @@ import pytest
 import tensorflow as tf
 
 from conftest import run_main
-from tf_mamlpp.data import splits
+from tf_mamlpp.run import task_streams
 from tf_mamlpp.run import config as config_module
-from tf_mamlpp.run import evaluation
+from tf_mamlpp.core import evaluation
 from tf_mamlpp.run.run_directory import RunDirectory
 from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer
 
@@ -172,9 +172,9 @@ def test_results_record_each_kept_model_and_the_ensemble(trained):
     assert [model["epoch"] for model in results["models"]] == [epoch for _, epoch, _ in best]
     assert [model["val_accuracy"] for model in results["models"]] == [a for a, _, _ in best]
     assert results["test_tasks"] == 8
-    assert results["test_seed"] == splits.stream_seed(trained.trainer.config, "test")
-    assert results["test_seed"] not in (splits.stream_seed(trained.trainer.config, "train"),
-                                        splits.stream_seed(trained.trainer.config, "val"))
+    assert results["test_seed"] == task_streams.stream_seed(trained.trainer.config, "test")
+    assert results["test_seed"] not in (task_streams.stream_seed(trained.trainer.config, "train"),
+                                        task_streams.stream_seed(trained.trainer.config, "val"))
     assert results["confidence"] == 0.95
     assert results["inner_steps"] == INNER_STEPS
     assert results["bn_mode"] == "transductive"
@@ -189,7 +189,7 @@ def test_ensemble_is_the_mean_of_the_kept_models_probabilities(trained, fresh):
         tf.train.Checkpoint(network=fresh.network).read(
             trained.run_dir.checkpoint_path(prefix)).expect_partial()
         outcome = evaluation.evaluate(
-            fresh.meta_learner, splits.evaluation_tasks(config, fresh.splits["test"], "test", 8),
+            fresh.meta_learner, task_streams.evaluation_tasks(config, fresh.splits["test"], "test", 8),
             INNER_STEPS, "transductive")
         assert outcome["probabilities"].shape == (8, 3, 3)
         np.testing.assert_allclose(outcome["probabilities"].sum(-1), 1.0, rtol=1e-5)

@@ -4,8 +4,8 @@ Kept free of TensorFlow so that the command line can offer the choices
 before TensorFlow loads; per_step_batch_norm.py implements them.
 """
 
-MODES = ("transductive", "support", "task_norm", "running")
-TRANSDUCTIVE, SUPPORT, TASK_NORM, RUNNING = MODES
+BN_MODES = ("transductive", "support", "task_norm", "running")
+TRANSDUCTIVE, SUPPORT, TASK_NORM, RUNNING = BN_MODES
 
 # What a model trained in each mode normalises its queries with once
 # deployed: a transductive model is served with the support statistics, so
@@ -14,6 +14,6 @@ SERVING_MODES = {TRANSDUCTIVE: SUPPORT, SUPPORT: SUPPORT, TASK_NORM: TASK_NORM, 
 
 
 def check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"unknown batch-norm mode {mode!r}; expected one of {', '.join(MODES)}")
+    if mode not in BN_MODES:
+        raise ValueError(f"unknown batch-norm mode {mode!r}; expected one of {', '.join(BN_MODES)}")
     return mode

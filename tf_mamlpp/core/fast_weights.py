@@ -2,9 +2,9 @@
 
 `MamlppNetwork` (network.py) and `KerasBackbone` (keras_backbone.py) are
 `FastWeightsModel`s. A subclass provides:
-- `num_steps`, `way`, `bn_mode`: inner steps, classes, the batch-norm mode.
+- `inner_steps`, `way`, `bn_mode`: inner steps, classes, the batch-norm mode.
 - `fast_variables`: name ("layer/weight") -> the variable the inner loop adapts.
-- `inner_rates`: LSLR's layer name -> (num_steps,) variable of rates.
+- `inner_rates`: LSLR's layer name -> (inner_steps,) variable of rates.
 - `norms`: the `PerStepBatchNorm` layers, in `forward`'s order.
 - `forward(images, fast_weights, state, bn_mode, compute_dtype, support)`:
   (tasks, batch, way) logits at weight state `state`, and for a support pass
@@ -39,7 +39,7 @@ class FastWeightsModel(keras.Model):
         if step < 0:
             raise ValueError(f"inner step must be non-negative, got {step}")
         layer = weight_name.rsplit("/", 1)[0]
-        return self.inner_rates[layer][min(step, self.num_steps - 1)]
+        return self.inner_rates[layer][min(step, self.inner_steps - 1)]
 
     def update_running_statistics(self, per_stage_means, per_stage_variances):
         """Folds (norms, states, channels) support statistics into the batch-norm banks."""

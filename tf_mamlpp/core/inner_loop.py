@@ -50,7 +50,7 @@ def inner_update(network, fast_weights, support_images, support_labels, step,
       step: Python int, selects the step's batch-norm banks and rates (LSLR).
       second_order: keep the inner gradient on any enclosing tape, so the
         meta-gradient includes its derivative; stop it otherwise.
-      bn_mode: one of per_step_batch_norm.MODES.
+      bn_mode: one of batch_norm_modes.BN_MODES.
       compute_dtype: dtype of the forward and backward passes (float16 or
         bfloat16 under mixed precision), None for the network's variables'
         dtype; the weights and their gradients stay in the variables' dtype.

@@ -28,13 +28,12 @@ class KerasBackbone(FastWeightsModel):
 
     Args:
       model: a built Keras 3 model, (batch, h, w, c) images -> (batch, way) logits.
-      num_steps: inner steps; the banks have num_steps + 1 rows, the rates num_steps.
-      per_step_bn_statistics, per_step_bn_affine, learn_inner_rates, inner_lr,
-      bn_momentum, bn_mode: as for `MamlppNetwork`.
+      inner_steps: inner steps; the banks have inner_steps + 1 rows, the rates
+        inner_steps.
+      bnrs, bnwb, lslr, inner_lr, bn_momentum, bn_mode: as for `MamlppNetwork`.
     """
 
-    def __init__(self, model, num_steps, per_step_bn_statistics=True, per_step_bn_affine=True,
-                 learn_inner_rates=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
+    def __init__(self, model, inner_steps, bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
                  **kwargs):
         super().__init__(**kwargs)
         if not model.built:
@@ -42,25 +41,25 @@ class KerasBackbone(FastWeightsModel):
                              "it is wrapped")
         self.backbone = model
         self.bn_mode = check_mode(bn_mode)
-        self.num_steps = num_steps
+        self.inner_steps = inner_steps
         self.image_shape = tuple(int(d) for d in model.input_shape[1:])
         self.way = int(model.output_shape[-1])
-        self.learn_inner_rates = learn_inner_rates
+        self.lslr = lslr
         layers = _leaf_layers(model)
         self._norm_of = {}
         norms = []
         for layer in layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 self._norm_of[id(layer)] = len(norms)
-                norms.append(_per_step_norm(layer, num_steps, per_step_bn_statistics,
-                                            per_step_bn_affine, bn_momentum, bn_mode))
+                norms.append(_per_step_norm(layer, inner_steps, bnrs, bnwb, bn_momentum,
+                                            bn_mode))
                 layer.trainable = False  # its role is the per-step norm's
         self._norms = norms
         self._weighted = [layer for layer in layers
                           if layer.trainable_weights and id(layer) not in self._norm_of]
         self._rates = [self.add_weight(
-            name=f"{layer.name}_inner_rate", shape=(num_steps,),
-            initializer=keras.initializers.Constant(inner_lr), trainable=learn_inner_rates)
+            name=f"{layer.name}_inner_rate", shape=(inner_steps,),
+            initializer=keras.initializers.Constant(inner_lr), trainable=lslr)
             for layer in self._weighted]
         self.built = True
 
@@ -135,12 +134,12 @@ class KerasBackbone(FastWeightsModel):
         return _run_graph(self.backbone, images, run_layer), moments
 
 
-def _per_step_norm(layer, num_steps, per_step_statistics, per_step_affine, momentum, bn_mode):
+def _per_step_norm(layer, inner_steps, per_step_statistics, per_step_affine, momentum, bn_mode):
     """A `PerStepBatchNorm` for a Keras BatchNormalization layer, from its gamma and beta."""
     if layer.axis not in (-1, len(layer.input.shape) - 1):
         raise ValueError(f"BatchNormalization layer {layer.name!r} normalises axis "
                          f"{layer.axis}; only the channels-last axis is supported")
-    norm = PerStepBatchNorm(num_steps + 1, per_step_statistics, per_step_affine,
+    norm = PerStepBatchNorm(inner_steps + 1, per_step_statistics, per_step_affine,
                             momentum=momentum, epsilon=layer.epsilon,
                             task_norm=bn_mode == TASK_NORM, name=f"{layer.name}_per_step")
     channels = int(layer.input.shape[-1])

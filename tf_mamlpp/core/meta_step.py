@@ -37,11 +37,11 @@ def outer_loss(network, tasks, phase, compute_dtype=tf.float32, loss_scale=None)
       (loss, result): the weighted sum of target losses over the tasks, and
       `adapt_and_evaluate`'s result.
     """
-    num_steps = network.num_steps
-    target_steps = list(range(num_steps)) if phase.multi_step else [num_steps - 1]
+    inner_steps = network.inner_steps
+    target_steps = list(range(inner_steps)) if phase.multi_step else [inner_steps - 1]
     weights = phase.msl_weights if phase.multi_step else tf.ones([1])
     result = adapt_and_evaluate(
-        network, tasks, num_steps, phase.second_order, target_steps, network.bn_mode,
+        network, tasks, inner_steps, phase.second_order, target_steps, network.bn_mode,
         compute_dtype, loss_scale, final_statistics=fills_adapted_bank(network.bn_mode))
     return tf.reduce_sum(result["target_losses"] * weights), result
 

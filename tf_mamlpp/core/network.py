@@ -16,8 +16,6 @@ variables and fast weights stay in their dtype: float32, or float64 with
 The model follows the fast-weights protocol (fast_weights.py).
 """
 
-import functools
-
 import keras
 import tensorflow as tf
 
@@ -34,13 +32,14 @@ class MamlppNetwork(FastWeightsModel):
     Args:
       way: number of classes per task, the head's width.
       image_shape: (height, width, channels) of the input images.
-      num_steps: inner steps; the per-step banks have one row per weight
-        state, num_steps + 1, and the rates one per step.
+      inner_steps: inner steps; the per-step banks have one row per weight
+        state, inner_steps + 1, and the rates one per step.
       filters: channels of every conv stage.
       num_stages: conv stages; each halves the spatial size.
-      per_step_bn_statistics: BNRS switch.
-      per_step_bn_affine: BNWB switch.
-      learn_inner_rates: LSLR switch; when False the rates stay at `inner_lr`.
+      bnrs: BNRS switch, per-step batch-norm running statistics.
+      bnwb: BNWB switch, per-step batch-norm weights and biases.
+      lslr: LSLR switch, learned per-layer, per-step inner learning rates;
+        when False the rates stay at `inner_lr`.
       inner_lr: initial value of every inner learning rate.
       bn_momentum: weight of new statistics in a running-bank update.
       bn_mode: the batch-norm mode it is meta-trained in, and so evaluated and
@@ -49,20 +48,19 @@ class MamlppNetwork(FastWeightsModel):
         variables' dtype, float32 by default.
     """
 
-    def __init__(self, way, image_shape, num_steps, filters=64, num_stages=4,
-                 per_step_bn_statistics=True, per_step_bn_affine=True,
-                 learn_inner_rates=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
+    def __init__(self, way, image_shape, inner_steps, filters=64, num_stages=4,
+                 bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
                  **kwargs):
         super().__init__(**kwargs)
         self.bn_mode = check_mode(bn_mode)
         self.way = way
         self.image_shape = tuple(int(d) for d in image_shape)
-        self.num_steps = num_steps
+        self.inner_steps = inner_steps
         self.filters = filters
         self.num_stages = num_stages
-        self.per_step_bn_statistics = per_step_bn_statistics
-        self.per_step_bn_affine = per_step_bn_affine
-        self.learn_inner_rates = learn_inner_rates
+        self.bnrs = bnrs
+        self.bnwb = bnwb
+        self.lslr = lslr
         self.inner_lr = inner_lr
         self.bn_momentum = bn_momentum
         self.feature_size = self._feature_size()
@@ -92,7 +90,7 @@ class MamlppNetwork(FastWeightsModel):
             # autocast=False: Keras would cast a 16-bit input (see `embed`)
             # back to the layer's float32; the fused kernel takes either.
             norm = PerStepBatchNorm(
-                self.num_steps + 1, self.per_step_bn_statistics, self.per_step_bn_affine,
+                self.inner_steps + 1, self.bnrs, self.bnwb,
                 momentum=self.bn_momentum, task_norm=self.bn_mode == TASK_NORM, autocast=False,
                 dtype=self.dtype_policy, name=f"norm{i}")
             norm.build((None, *size, self.filters))
@@ -105,9 +103,9 @@ class MamlppNetwork(FastWeightsModel):
         # LSLR: one rate per layer and inner step, free to change sign.
         for layer in self.layer_names:
             setattr(self, f"{layer}_inner_rate", self.add_weight(
-                name=f"{layer}_inner_rate", shape=(self.num_steps,),
+                name=f"{layer}_inner_rate", shape=(self.inner_steps,),
                 initializer=keras.initializers.Constant(self.inner_lr),
-                trainable=self.learn_inner_rates))
+                trainable=self.lslr))
 
     @property
     def fast_variables(self):
@@ -122,7 +120,7 @@ class MamlppNetwork(FastWeightsModel):
 
     @property
     def inner_rates(self):
-        """LSLR: layer name -> (num_steps,) variable of inner learning rates."""
+        """LSLR: layer name -> (inner_steps,) variable of inner learning rates."""
         return {layer: getattr(self, f"{layer}_inner_rate") for layer in self.layer_names}
 
     def embed(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE, compute_dtype=None,
@@ -139,7 +137,7 @@ class MamlppNetwork(FastWeightsModel):
             each with a leading tasks axis, in the variables' dtype.
           state: Python int, the weight state (0 before adaptation, i after
             i inner steps) whose batch-norm banks are used.
-          bn_mode: one of per_step_batch_norm.MODES.
+          bn_mode: one of batch_norm_modes.BN_MODES.
           compute_dtype: dtype of the convolutions and activations, None
             for the variables' dtype; images and kernels are cast to it.
             Batch norm keeps gamma, beta and statistics in the variables'.
@@ -202,32 +200,11 @@ class MamlppNetwork(FastWeightsModel):
         return tf.matmul(self.running_embed(images), self.head_kernel) + self.head_bias
 
     def get_config(self):
-        return {"way": self.way, "image_shape": self.image_shape, "num_steps": self.num_steps,
+        return {"way": self.way, "image_shape": self.image_shape, "inner_steps": self.inner_steps,
                 "filters": self.filters, "num_stages": self.num_stages,
-                "per_step_bn_statistics": self.per_step_bn_statistics,
-                "per_step_bn_affine": self.per_step_bn_affine,
-                "learn_inner_rates": self.learn_inner_rates, "inner_lr": self.inner_lr,
+                "bnrs": self.bnrs, "bnwb": self.bnwb, "lslr": self.lslr,
+                "inner_lr": self.inner_lr,
                 "bn_momentum": self.bn_momentum, "bn_mode": self.bn_mode}
-
-
-@functools.cache
-def grouped_convolution_gradients(dtype=tf.float32):
-    """Whether TensorFlow differentiates grouped convolutions in `dtype` on its default device.
-
-    Folded tasks (`fold_tasks`) need them. TensorFlow's CPU kernels have them
-    only through oneDNN, in bfloat16 only on CPUs with AVX-512; elsewhere the
-    gradient fails at run time, so it is tried once on two tiny groups.
-    """
-    x = tf.zeros((1, 3, 3, 2), dtype)
-    kernel = tf.zeros((1, 1, 1, 2), dtype)
-    try:
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.nn.conv2d(x, kernel, 1, "SAME"))
-        tape.gradient(loss, x).numpy()
-    except tf.errors.InvalidArgumentError:
-        return False
-    return True
 
 
 def fold_tasks(images):

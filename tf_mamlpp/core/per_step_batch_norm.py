@@ -120,7 +120,7 @@ class PerStepBatchNorm(keras.layers.Layer):
             of a meta-batch folded into the channel axis, task-major (see
             network.py); with one task this is plain NHWC.
           state: Python int, the weight state whose banks are read.
-          mode: one of MODES.
+          mode: one of batch_norm_modes.BN_MODES.
           target: False when `inputs` is the support set, True for a target
             batch.
           support: for a target batch, the `Moments` its support pass

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
+from tf_mamlpp.config_error import ConfigError
+
 
 def msl_weights(epoch, num_steps, msl_epochs):
     """Per-step weights of the multi-step loss (MSL) at `epoch`.
@@ -66,16 +68,25 @@ def meta_learning_rate(meta_lr, min_meta_lr, total_iterations, cosine_annealing)
         alpha=min_meta_lr / meta_lr)
 
 
-def meta_optimizer(meta_lr=1e-3, min_meta_lr=1e-5, total_iterations=None):
-    """Adam, the paper's meta-optimizer: with CA over `total_iterations`, constant without."""
-    return keras.optimizers.Adam(meta_learning_rate(
-        meta_lr, min_meta_lr, total_iterations, cosine_annealing=total_iterations is not None))
+def meta_optimizer(meta_lr=1e-3, min_meta_lr=1e-5, ca=False, total_iterations=None):
+    """Adam, the paper's meta-optimizer, its rate cosine-annealed over `total_iterations` (CA).
+
+    Args:
+      meta_lr: the learning rate at the start.
+      min_meta_lr: the rate cosine annealing ends at.
+      ca: CA, cosine annealing; without it the rate stays at `meta_lr`.
+      total_iterations: the meta-iterations of the whole run; CA needs it.
+    """
+    if ca and not total_iterations:
+        raise ConfigError("ca=True anneals over the whole run: give total_iterations, the "
+                          "epochs times the iterations per epoch", "ca")
+    return keras.optimizers.Adam(meta_learning_rate(meta_lr, min_meta_lr, total_iterations, ca))
 
 
 class Phase(NamedTuple):
     """What the schedules prescribe for one epoch's meta-updates."""
 
-    msl_weights: np.ndarray  # (num_steps,) float32, the multi-step loss weights
+    msl_weights: np.ndarray  # (inner_steps,) float32, the multi-step loss weights
     multi_step: bool  # MSL in force: the outer loss sums every step's target loss
     second_order: bool  # DA's derivative order
 
@@ -85,19 +96,19 @@ class Schedule:
     """The MSL and DA switches, and the epoch-indexed phase they give (CA is the optimizer's).
 
     Defaults are the paper's; `msl=False, da=False` with `second_order`
-    chosen gives plain (first- or second-order) MAML's outer loss.
+    chosen gives plain (first- or second-order) MAML's outer loss. The
+    number of inner steps is the network's, given to `at`.
     """
 
-    num_steps: int
     msl: bool = True
     msl_epochs: int = 10
     da: bool = True
     first_order_epochs: int = 50
     second_order: bool = True
 
-    def at(self, epoch):
-        """The `Phase` of `epoch` (from 0)."""
-        return Phase(msl_weights(epoch, self.num_steps, self.msl_epochs),
+    def at(self, epoch, inner_steps):
+        """The `Phase` of `epoch` (from 0) for a network of `inner_steps` inner steps."""
+        return Phase(msl_weights(epoch, inner_steps, self.msl_epochs),
                      multi_step_loss_active(self.msl, epoch, self.msl_epochs),
                      second_order_active(self.second_order, self.da, epoch,
                                          self.first_order_epochs))

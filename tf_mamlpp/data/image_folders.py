@@ -25,6 +25,7 @@ from tf_mamlpp.data.class_images import DataError
 
 SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+MINI_IMAGENET_CLASSES = {"train": 64, "val": 16, "test": 20}  # Ravi and Larochelle's split
 DEFAULT_SPLIT_RATIOS = "0.64,0.16,0.2"  # mini-ImageNet's 64/16/20 classes
 SPLIT_SEED = 0  # a fixed seed: the split belongs to the data set, not to the run
 

@@ -1,6 +1,6 @@
-"""How many of Omniglot's characters each split gets, under either omniglot_split scheme.
+"""Omniglot's counts: drawings per character, and the characters of each split under either scheme.
 
-The one place these counts are computed: omniglot.split_classes draws each
+The one place these counts are kept: omniglot.split_classes draws each
 split's classes with them, and preflight.py checks the way setting against them before
 TensorFlow loads, which is why this module imports none of it.
 """
@@ -11,6 +11,7 @@ BACKGROUND_CLASSES = 964  # images_background's characters come first,
 CLASSES = 1623  # then images_evaluation's 659
 MAMLPP_TRAIN_CLASSES = 1150
 VALIDATION_CLASSES = 50
+IMAGES_PER_CLASS = 20  # drawings of each character
 
 
 def split_sizes(scheme, num_background=BACKGROUND_CLASSES, num_classes=CLASSES):

@@ -1,1 +1,1 @@
-"""A run of the command line: configuration, training loop, run directory, evaluation, export."""
+"""The command line: settings and their checks, the training loop, the run directory."""

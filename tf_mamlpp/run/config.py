@@ -4,8 +4,10 @@
 metadata (see `setting`), what the rest of the project needs to know about it:
 main.py makes its flags from them (config_flags.py), preflight.py checks the
 constraints, a run directory refuses checkpoints whose architecture fields
-differ, and `resolve` fills in the value that Antoniou et al. (2019) use for
-the dataset where the user gave none. The resolved configuration is logged at
+differ, builders.py passes each to the library object it configures under
+its own name (flag, field and keyword are one word), and `resolve` fills
+in the value that Antoniou et al. (2019) use for the dataset where the
+user gave none. The resolved configuration is logged at
 start and saved with the run, so a run records exactly what it did.
 """
 
@@ -15,7 +17,7 @@ import os
 import types
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import MODES as BN_MODES
+from tf_mamlpp.core.batch_norm_modes import BN_MODES
 from tf_mamlpp.data.image_folders import DEFAULT_SPLIT_RATIOS
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,9 +36,14 @@ AUTO = "auto"
 POSITIVE = "positive"
 NON_NEGATIVE = "non-negative"
 
+# The library objects a setting configures, as the keyword of its own name (builders.py).
+NETWORK = "network"  # MamlppNetwork
+SCHEDULE = "schedule"  # schedules.Schedule
+OPTIMIZER = "optimizer"  # schedules.meta_optimizer
+
 
 def setting(default=None, *, help_text, architecture=False, constraint=None, per_dataset=None,
-            command_line=True):
+            command_line=True, configures=()):
     """A field of ExperimentConfig, described for the command line and the checks.
 
     Args:
@@ -52,12 +59,14 @@ def setting(default=None, *, help_text, architecture=False, constraint=None, per
         code), where it depends on the dataset; the field's own default is
         then Omniglot's.
       command_line: whether main.py makes a flag of it.
+      configures: the library objects (NETWORK, SCHEDULE, OPTIMIZER) that take
+        the setting as a keyword argument of the same name.
     """
     if per_dataset is not None:
         default = per_dataset[DEFAULT_DATASET]
     return dataclasses.field(default=default, metadata={
         "help": help_text, "architecture": architecture, "constraint": constraint,
-        "per_dataset": per_dataset, "command_line": command_line})
+        "per_dataset": per_dataset, "command_line": command_line, "configures": configures})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +88,7 @@ class ExperimentConfig:
                   "lake (background alphabets for training and validation, evaluation "
                   "alphabets for test).")
     way: int = setting(5, architecture=True, constraint=POSITIVE,
-                       help_text="Classes per task (N).")
+                       help_text="Classes per task (N).", configures=(NETWORK,))
     shot: int = setting(1, architecture=True, constraint=POSITIVE,
                         help_text="Support images per class (K).")
     query: int = setting(per_dataset=dict(omniglot=1, mini_imagenet=15, folder=15),
@@ -106,41 +115,48 @@ class ExperimentConfig:
         help_text="Folder data sets whose decoded images take more GiB than this are read "
                   "from the on-disk cache as episodes need them instead of held in memory.")
     filters: int = setting(per_dataset=dict(omniglot=64, mini_imagenet=48, folder=48),
-                           architecture=True, constraint=POSITIVE,
+                           architecture=True, constraint=POSITIVE, configures=(NETWORK,),
                            help_text="Filters of each conv stage.")
     num_stages: int = setting(4, architecture=True, constraint=POSITIVE, command_line=False,
+                              configures=(NETWORK,),
                               help_text="Conv stages, each of which halves the image.")
     inner_steps: int = setting(per_dataset=dict(omniglot=5, mini_imagenet=5, folder=5),
-                               architecture=True, constraint=POSITIVE,
+                               architecture=True, constraint=POSITIVE, configures=(NETWORK,),
                                help_text="Inner-loop steps in training.")
     eval_inner_steps: int | None = setting(
         constraint=POSITIVE,
         help_text="Inner-loop steps at validation and test; steps past --inner_steps reuse "
                   "the last step's BN banks and rates. Default: --inner_steps.")
     inner_lr: float = setting(per_dataset=dict(omniglot=0.1, mini_imagenet=0.01, folder=0.01),
+                              configures=(NETWORK,),
                               help_text="Initial inner learning rate (every layer and step).")
-    meta_lr: float = setting(1e-3, constraint=POSITIVE,
+    meta_lr: float = setting(1e-3, constraint=POSITIVE, configures=(OPTIMIZER,),
                              help_text="Adam learning rate at the start.")
-    min_meta_lr: float = setting(1e-5, help_text="Learning rate that cosine annealing ends at.")
+    min_meta_lr: float = setting(1e-5, configures=(OPTIMIZER,),
+                                 help_text="Learning rate that cosine annealing ends at.")
     epochs: int = setting(100, constraint=POSITIVE, help_text="Training epochs.")
     iters_per_epoch: int = setting(500, architecture=True, constraint=POSITIVE,
                                    help_text="Meta-iterations per epoch.")
-    msl: bool = setting(True, help_text="MSL: multi-step loss, annealed over --msl_epochs.")
-    msl_epochs: int = setting(10, constraint=NON_NEGATIVE,
+    msl: bool = setting(True, configures=(SCHEDULE,),
+                        help_text="MSL: multi-step loss, annealed over --msl_epochs.")
+    msl_epochs: int = setting(10, constraint=NON_NEGATIVE, configures=(SCHEDULE,),
                               help_text="Epochs after which only the last step's loss counts.")
-    da: bool = setting(True, help_text="DA: derivative-order annealing, first order for "
-                                       "--first_order_epochs epochs.")
-    first_order_epochs: int = setting(50, constraint=NON_NEGATIVE,
+    da: bool = setting(True, configures=(SCHEDULE,),
+                       help_text="DA: derivative-order annealing, first order for "
+                                 "--first_order_epochs epochs.")
+    first_order_epochs: int = setting(50, constraint=NON_NEGATIVE, configures=(SCHEDULE,),
                                       help_text="Epochs of first-order training under DA.")
-    second_order: bool = setting(True, help_text="Use second-order meta-gradients (after the DA "
-                                                 "epochs); false trains first order throughout.")
-    bnrs: bool = setting(True, architecture=True,
+    second_order: bool = setting(True, configures=(SCHEDULE,),
+                                 help_text="Use second-order meta-gradients (after the DA "
+                                           "epochs); false trains first order throughout.")
+    bnrs: bool = setting(True, architecture=True, configures=(NETWORK,),
                          help_text="BNRS: per-step batch-norm running statistics.")
-    bnwb: bool = setting(True, architecture=True,
+    bnwb: bool = setting(True, architecture=True, configures=(NETWORK,),
                          help_text="BNWB: per-step batch-norm weights and biases.")
-    lslr: bool = setting(True, architecture=True,
+    lslr: bool = setting(True, architecture=True, configures=(NETWORK,),
                          help_text="LSLR: learned per-layer, per-step inner learning rates.")
-    ca: bool = setting(True, help_text="CA: cosine annealing of the meta learning rate.")
+    ca: bool = setting(True, configures=(OPTIMIZER,),
+                       help_text="CA: cosine annealing of the meta learning rate.")
     bn_mode: str = setting(
         "transductive", architecture=True, constraint=BN_MODES,
         help_text="Batch norm of the target (query) pass, in meta-training and evaluation "
@@ -148,10 +164,24 @@ class ExperimentConfig:
                   "code; exported models then normalise queries by the support set's), support "
                   "(MetaBN: the support set's statistics at the same weights), task_norm "
                   "(TaskNorm-I: support and per-image moments blended by a learned weight) or "
-                  "running (BNRS: the per-step running banks).")
+                  "running (BNRS: the per-step running banks).",
+        configures=(NETWORK,))
     val_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed validation tasks.")
     test_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed test tasks.")
     seed: int = setting(0, help_text="Seed of the initialisation and the task streams.")
+    ensemble_top_k: int = setting(
+        3, constraint=POSITIVE,
+        help_text="Best validation checkpoints kept and ensembled at test time, as the paper "
+                  "does with three.")
+    deterministic: bool = setting(
+        False, help_text="Enable TensorFlow's op determinism, so an interrupted and resumed "
+                         "run repeats an uninterrupted one exactly.")
+    jit_compile: bool = setting(
+        False, help_text="Compile the meta-step with XLA (slower on CPU; see "
+                         "benchmarks/README.md).")
+    fold_tasks: bool = setting(
+        False, help_text="Run a meta-batch's tasks together as grouped convolutions instead of "
+                         "one after another (slower on CPU; see benchmarks/README.md).")
     # Mixed precision adds the loss scale to the checkpoint and changes the arithmetic.
     mixed_precision: bool | str = setting(
         False, architecture=True, constraint=(False, True, AUTO),
@@ -169,6 +199,15 @@ class ExperimentConfig:
     @property
     def total_iterations(self):
         return self.epochs * self.iters_per_epoch
+
+    @property
+    def image_shape(self):
+        return (self.image_size, self.image_size, self.channels)
+
+    def arguments_for(self, target):
+        """The settings that configure `target` (NETWORK, ...), as its keyword arguments."""
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+                if target in field.metadata["configures"]}
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

@@ -28,17 +28,14 @@ from tf_mamlpp.atomic_files import write_atomically
 from tf_mamlpp.core import mixed_precision
 from tf_mamlpp.core.meta_step import outer_loss
 from tf_mamlpp.core.schedules import Phase
+from tf_mamlpp.hardware.machine import cpu_description
+from tf_mamlpp.run.builders import build_network, build_schedule
 from tf_mamlpp.run.config import AUTO
-from tf_mamlpp.run.machine import cpu_description
-from tf_mamlpp.run.trainer import build_network, build_schedule
 
 # Timed probes of each precision, the fastest counting; fewer where one precision
 # is CLEAR_RATIO times the other's speed already.
 PROBE_REPEATS = 3
 CLEAR_RATIO = 2.0
-# The settings that decide the probe's arithmetic, and so key its cached timings.
-PROBE_SETTINGS = ("way", "shot", "query", "image_size", "channels", "filters", "num_stages",
-                  "bn_mode", "bnwb", "lslr")
 
 
 class Timings(NamedTuple):
@@ -129,26 +126,39 @@ def read_cache():
 
 
 def probe_key(config, parallel_tasks):
-    """The machine (GPU, else CPU), TensorFlow, its CPU kernels and the shapes the timings hold for."""
+    """The machine (GPU, else CPU), TensorFlow, its CPU kernels and the shapes the timings hold for.
+
+    The shapes are the probe network's own settings (its `get_config()`, so a
+    new network setting keys the cache without an edit here) and the task's.
+    """
     gpus = [tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name)
             for gpu in tf.config.list_physical_devices("GPU")]
     return json.dumps({
         "machine": gpus or cpu_description(), "tensorflow": tf.__version__,
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-        "parallel_tasks": parallel_tasks,
-        "second_order": build_schedule(config).at(0).second_order,
-        **{name: getattr(config, name) for name in PROBE_SETTINGS}}, sort_keys=True)
+        "parallel_tasks": parallel_tasks, "second_order": _first_order_of(config),
+        "shot": config.shot, "query": config.query,
+        **_probe_network(config).get_config()}, sort_keys=True, default=str)
+
+
+def _first_order_of(config):
+    """The derivative order of the run's first epoch, the one the probe times."""
+    return build_schedule(config).at(0, config.inner_steps).second_order
+
+
+def _probe_network(config):
+    """The run's network with one inner step.
+
+    The ratio of the two precisions is the convolutions', and a five-step
+    graph would trace five times longer.
+    """
+    return build_network(dataclasses.replace(config, inner_steps=1))
 
 
 def probe(config):
-    """Times one random task's meta-gradient in float32 and in 16 bits, interleaved.
-
-    The probe network takes one inner step: the ratio of the two precisions
-    is the convolutions', and a five-step graph would trace five times longer.
-    """
-    network = build_network(dataclasses.replace(config, inner_steps=1))
-    phase = Phase(np.ones(1, np.float32), multi_step=False,
-                  second_order=build_schedule(config).at(0).second_order)
+    """Times one random task's meta-gradient in float32 and in 16 bits, interleaved."""
+    network = _probe_network(config)
+    phase = Phase(np.ones(1, np.float32), multi_step=False, second_order=_first_order_of(config))
     sixteen_bits = mixed_precision.compute_dtype()
     steps = {dtype: _meta_gradient_norm(network, phase, dtype)
              for dtype in (tf.float32, sixteen_bits)}

@@ -24,9 +24,6 @@ from tf_mamlpp.data import image_folders, omniglot_splits
 from tf_mamlpp.data.class_images import DataError
 from tf_mamlpp.run.config import NON_NEGATIVE, POSITIVE, value_type
 
-# Drawings of each Omniglot character; episodes.episode_dataset checks the loaded data again.
-OMNIGLOT_IMAGES_PER_CLASS = 20
-MINI_IMAGENET_CLASSES = {"train": 64, "val": 16, "test": 20}
 
 
 def checked(config):
@@ -48,7 +45,7 @@ def checked(config):
     check_tasks_fit(config, splits)
     if config.dataset == "mini_imagenet":
         counts = {name: files.num_classes for name, files in splits.items()}
-        if counts != MINI_IMAGENET_CLASSES:
+        if counts != image_folders.MINI_IMAGENET_CLASSES:
             logging.warning("%s has %s train/val/test classes, not mini-ImageNet's 64/16/20.",
                             config.data_dir, "/".join(map(str, counts.values())))
     if config.channels is None:
@@ -140,7 +137,7 @@ def _check_omniglot(config):
             raise ConfigError(f"way={config.way}: more than the {classes} classes of the "
                               f"{split} split (omniglot_split={config.omniglot_split})",
                               "way", "omniglot_split")
-    if config.shot + config.query > OMNIGLOT_IMAGES_PER_CLASS:
+    if config.shot + config.query > omniglot_splits.IMAGES_PER_CLASS:
         raise ConfigError(f"shot={config.shot} plus query={config.query}: more than the "
-                          f"{OMNIGLOT_IMAGES_PER_CLASS} images of every Omniglot character",
+                          f"{omniglot_splits.IMAGES_PER_CLASS} images of every Omniglot character",
                           "shot", "query")

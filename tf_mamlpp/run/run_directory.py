@@ -55,17 +55,17 @@ class RunDirectory:
     """One run's files under `path`.
 
     Args:
-      path: the run's directory; it must exist and hold `config.json`.
-      keep_best: how many best-validation checkpoints to keep.
+      path: the run's directory; it must exist and hold `config.json`, whose
+        `ensemble_top_k` says how many best-validation checkpoints to keep.
     """
 
-    def __init__(self, path, keep_best=3):
+    def __init__(self, path):
         self.path = pathlib.Path(path)
-        self.keep_best = keep_best
         self.config = ExperimentConfig.from_json((self.path / CONFIG).read_text())
+        self.keep_best = self.config.ensemble_top_k
 
     @classmethod
-    def open(cls, logdir, name, config, fresh=False, keep_best=3):
+    def open(cls, logdir, name, config, fresh=False):
         """Creates the run directory for `config`, or reopens it to resume.
 
         Args:
@@ -74,7 +74,6 @@ class RunDirectory:
           config: the resolved configuration of this command.
           fresh: start over in a new directory (name_2, name_3, ...) when one
             exists; the old one is never touched.
-          keep_best: best-validation checkpoints to keep.
 
         Raises:
           RunDirectoryError: the existing run was made with another network or
@@ -103,10 +102,10 @@ class RunDirectory:
         except OSError as error:
             raise RunDirectoryError(f"{path}: cannot write the run directory "
                                     f"({error.strerror or error}); check --logdir") from error
-        return cls(path, keep_best)
+        return cls(path)
 
     @classmethod
-    def existing(cls, logdir, name, keep_best=3):
+    def existing(cls, logdir, name):
         """Reopens a run to test or export it, with the configuration it was trained with.
 
         Raises:
@@ -116,7 +115,7 @@ class RunDirectory:
         if not (path / CONFIG).exists():
             raise RunDirectoryError(f"{path}: no run there (no {CONFIG}); check --logdir and "
                                     "--experiment")
-        return cls(path, keep_best)
+        return cls(path)
 
     def _manager(self, checkpoint):
         return tf.train.CheckpointManager(checkpoint, self.path / "checkpoints" / "latest",

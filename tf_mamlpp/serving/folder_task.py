@@ -4,7 +4,7 @@ The support folder holds one sub-folder per class (its name is the class's
 name, sorted names give labels 0..N-1); the query folder holds the images to
 classify. The files go to the export's `adapt_and_predict_files` signature
 unchanged, so they are decoded and resized as training images were, by the
-model itself (export.py, with image_decoding.py's `decode_image`, the one
+model itself (saved_model.py, with image_decoding.py's `decode_image`, the one
 training used); each is first checked to decode by that function, so that an
 unreadable file is named.
 """
@@ -16,8 +16,7 @@ import tensorflow as tf
 
 from tf_mamlpp.data.class_images import DataError
 from tf_mamlpp.data.image_decoding import decode_image
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+from tf_mamlpp.data.image_folders import IMAGE_SUFFIXES, image_files
 
 
 def read_image_file(path, image_shape):
@@ -37,12 +36,6 @@ def read_image_file(path, image_shape):
     except (tf.errors.InvalidArgumentError, OSError) as error:
         raise DataError(f"{path}: not a readable image") from error
     return contents
-
-
-def image_files(folder):
-    """The image files directly in `folder`, sorted by name."""
-    return sorted(path for path in pathlib.Path(folder).iterdir()
-                  if path.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_support(folder, way, image_shape):
