@@ -33,7 +33,8 @@ def evaluate(meta_learner, dataset, num_steps, bn_mode, progress=None):
       meta_learner: a `MetaLearner`.
       dataset: finite tf.data.Dataset of task batches (see episodes).
       num_steps: inner steps to take on each task.
-      bn_mode: batch-norm statistics, "batch" (transductive) or "running".
+      bn_mode: the batch-norm mode of the target pass, one of
+        batch_norm_modes.BN_MODES.
       progress: optional `Progress`, advanced by the tasks of each batch.
 
     Returns:

@@ -2,7 +2,8 @@
 
 Read this file first. Where each technique of Antoniou et al. (2019) acts:
 - LSLR: the inner loop steps each layer by its own learned rate for that
-  step (`inner_loop.inner_update`, `network.inner_rate`).
+  step (`inner_loop.inner_update`, with `FastWeightsModel.inner_rate` of
+  fast_weights.py).
 - BNWB and BNRS: every weight state normalises with its own gamma/beta row
   and, in the `running` mode, its own running statistics; the support
   statistics of the update are folded into those banks after it
@@ -10,7 +11,8 @@ Read this file first. Where each technique of Antoniou et al. (2019) acts:
 - MSL: the outer loss weights the target loss after every inner step
   (`outer_loss`); the weights anneal towards the last step (`Schedule`).
 - DA: the first epochs differentiate the inner gradients as constants, so
-  the meta-gradient is first order; later ones keep them on the tape.
+  the meta-gradient is first order; later ones keep them on the tape
+  (`inner_loop.inner_update`; the epoch's order is `Schedule`'s, schedules.py).
 - CA: the optimizer's learning rate follows a cosine schedule
   (`schedules.meta_learning_rate`).
 meta_learner.py runs the same `outer_loss` compiled, distributed, task by

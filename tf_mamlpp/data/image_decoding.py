@@ -1,8 +1,8 @@
 """Image files to the pixels the network sees: one decoding for training and serving alike.
 
 Training (omniglot.py, decoded_images.py), the exported model's file
-signature (export.py) and `--mode=adapt` (folder_task.py) all decode here, so
-a file gives the same pixels whichever of them reads it. The steps:
+signature (serving/saved_model.py) and `--mode=adapt` (serving/folder_task.py)
+all decode here, so a file gives the same pixels whichever of them reads it. The steps:
 1. decoded to 8-bit RGB (alpha dropped, not blended; a GIF's first frame);
 2. for a one-channel model, made grayscale by tf.image.rgb_to_grayscale
    (0.2989 R + 0.5870 G + 0.1140 B, back to 8 bits as

@@ -23,7 +23,7 @@ def plain_tensorflow():
     gradient but not the one nested in it (the closed-form second derivatives
     are nested in the first), so a model exported with them warns on every
     load, once per function, that a gradient may fail; serving adapts to
-    first order only and needs neither (see run/export.py). And for the
+    first order only and needs neither (see serving/saved_model.py). And for the
     reference the fast path is checked against. It acts when a function is
     traced, not when it runs.
     """
