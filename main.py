@@ -118,8 +118,9 @@ def run():
         resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
     from tf_mamlpp.run.quiet_start import start_tensorflow
     tf, gpus = start_tensorflow()
-    from tf_mamlpp.run import task_streams
     from tf_mamlpp.hardware import cpu_threads
+    from tf_mamlpp.run import task_streams
+    from tf_mamlpp.run.builders import backbone_model
     from tf_mamlpp.run.distribution import make_strategy
     from tf_mamlpp.run.trainer import Trainer
 
@@ -133,7 +134,10 @@ def run():
     strategy = make_strategy(FLAGS.strategy)
     tf.config.run_functions_eagerly(FLAGS.run_eagerly)
     if FLAGS.mode == "train":
-        task_streams.prepare(resolved_config())  # decodes the data: a corrupt file fails before any write
+        # A bad backbone factory or a corrupt file fails here, before anything is written.
+        if resolved_config().backbone is not None:
+            backbone_model(resolved_config())
+        task_streams.prepare(resolved_config())  # decodes the data
     run_dir, config = open_run(parallel_tasks)
     if not gpus:
         logging.info("No GPU found: running on the CPU.")

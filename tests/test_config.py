@@ -199,8 +199,8 @@ def test_the_readme_flag_table_shows_the_help_texts_and_the_library_keywords(par
 @pytest.mark.parametrize("field", [field for field in FIELDS.values()
                                    if field.metadata["configures"]], ids=lambda field: field.name)
 def test_a_setting_that_configures_a_library_object_is_its_keyword_of_the_same_name(field):
-    entries = {"network": tf_mamlpp.MamlppNetwork, "schedule": tf_mamlpp.Schedule,
-               "optimizer": tf_mamlpp.meta_optimizer}
+    entries = {"network": tf_mamlpp.MamlppNetwork, "backbone": tf_mamlpp.KerasBackbone,
+               "schedule": tf_mamlpp.Schedule, "optimizer": tf_mamlpp.meta_optimizer}
     for target in field.metadata["configures"]:
         assert field.name in inspect.signature(entries[target]).parameters, target
 

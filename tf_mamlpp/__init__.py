@@ -18,6 +18,8 @@ _HOMES = {
     # The learners and the method.
     "MamlppNetwork": "tf_mamlpp.core.network",
     "KerasBackbone": "tf_mamlpp.core.keras_backbone",
+    "conv4": "tf_mamlpp.backbones",
+    "resnet12": "tf_mamlpp.backbones",
     "FastWeightsModel": "tf_mamlpp.core.fast_weights",
     "MetaLearner": "tf_mamlpp.core.meta_learner",
     "FollowSchedule": "tf_mamlpp.core.meta_learner",

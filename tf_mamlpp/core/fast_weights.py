@@ -2,7 +2,8 @@
 
 `MamlppNetwork` (network.py) and `KerasBackbone` (keras_backbone.py) are
 `FastWeightsModel`s. A subclass provides:
-- `inner_steps`, `way`, `bn_mode`: inner steps, classes, the batch-norm mode.
+- `inner_steps`, `way`, `bn_mode`, `image_shape`: inner steps, classes, the
+  batch-norm mode, (h, w, c) of the images.
 - `fast_variables`: name ("layer/weight") -> the variable the inner loop adapts.
 - `inner_rates`: LSLR's layer name -> (inner_steps,) variable of rates.
 - `norms`: the `PerStepBatchNorm` layers, in `forward`'s order.
@@ -10,6 +11,8 @@
   (tasks, batch, way) logits at weight state `state`, and for a support pass
   (`support` None) each norm's `Moments`, which the target pass then takes.
 - `trainable_variables`: every meta-parameter.
+- `running_embed(images)`: (n, features) of (n, h, w, c) images under the
+  initialisation, each normalised on its own (the export's `embed`).
 This class derives the rest from them: `initial_fast_weights`, `inner_rate`
 and `update_running_statistics`.
 """

@@ -1,24 +1,30 @@
 """Any Keras 3 backbone as a MAML++ learner, adapted through stateless calls.
 
-The user's model (Sequential or functional, built from standard layers) is
-run layer by layer with explicit fast weights:
-- a layer with weights (Conv2D, Dense, ...) through `Layer.stateless_call`
+The user's model (Sequential or functional, nested or not, built from
+standard layers) runs with explicit fast weights. `keras.models.clone_model`
+copies its graph with every layer wrapped (`_Routed`): the copy shares the
+user's layers and weights, and each wrapped call is routed here:
+- a layer with weights (Conv2D, Dense, ...) runs through `Layer.stateless_call`
   with the fast weights' values, so the user's layer computes as written;
-- a BatchNormalization layer through a `PerStepBatchNorm` created for it,
+- a BatchNormalization layer runs as a `PerStepBatchNorm` created for it,
   which gives it BNRS, BNWB and the batch-norm modes; the banks start from
   the layer's gamma and beta, and the layer's own weights are frozen;
 - any other layer (pooling, activations, Flatten, GlobalAveragePooling, Add)
-  as it is.
+  through `Layer.stateless_call` too.
+Under mixed precision the copy's wrappers take Keras's mixed dtype policy
+("mixed_bfloat16", "mixed_float16"), so Keras casts each layer's inputs
+and weights to the 16-bit dtype as it does for a mixed-precision model.
 LSLR gets one rate per inner step for every layer with weights. The class
-is a `FastWeightsModel` (fast_weights.py), so the inner loop and the
-meta-step take it as they take `MamlppNetwork`.
-Tasks run one after another; the forward pass computes in float32.
+is a `FastWeightsModel` (fast_weights.py), so the inner loop, the meta-step,
+`MetaLearner` (task by task, `parallel_tasks` at once, in mixed precision)
+and the export take it as they take `MamlppNetwork`. Only public Keras API
+is used.
 """
 
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import TASK_NORM, TRANSDUCTIVE, check_mode
+from tf_mamlpp.core.batch_norm_modes import RUNNING, TASK_NORM, TRANSDUCTIVE, check_mode
 from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import Moments, PerStepBatchNorm
 
@@ -33,9 +39,11 @@ class KerasBackbone(FastWeightsModel):
       bnrs, bnwb, lslr, inner_lr, bn_momentum, bn_mode: as for `MamlppNetwork`.
     """
 
-    def __init__(self, model, inner_steps, bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
-                 **kwargs):
+    def __init__(self, model, inner_steps, bnrs=True, bnwb=True, lslr=True, inner_lr=0.1,
+                 bn_momentum=0.1, bn_mode=TRANSDUCTIVE, **kwargs):
         super().__init__(**kwargs)
+        if not isinstance(model, keras.Model):
+            raise ValueError(f"the backbone must be a Keras model, got {type(model).__name__}")
         if not model.built:
             raise ValueError(f"model {model.name!r} must be built (give it an Input) before "
                              "it is wrapped")
@@ -44,7 +52,8 @@ class KerasBackbone(FastWeightsModel):
         self.inner_steps = inner_steps
         self.image_shape = tuple(int(d) for d in model.input_shape[1:])
         self.way = int(model.output_shape[-1])
-        self.lslr = lslr
+        self.bnrs, self.bnwb, self.lslr = bnrs, bnwb, lslr
+        self.inner_lr, self.bn_momentum = inner_lr, bn_momentum
         layers = _leaf_layers(model)
         self._norm_of = {}
         norms = []
@@ -61,6 +70,7 @@ class KerasBackbone(FastWeightsModel):
             name=f"{layer.name}_inner_rate", shape=(inner_steps,),
             initializer=keras.initializers.Constant(inner_lr), trainable=lslr)
             for layer in self._weighted]
+        self._router = _Router(self)
         self.built = True
 
     @property
@@ -77,61 +87,153 @@ class KerasBackbone(FastWeightsModel):
     def inner_rates(self):
         return {layer.name: rate for layer, rate in zip(self._weighted, self._rates)}
 
-    def forward(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE,
-                compute_dtype=tf.float32, support=None):
+    def forward(self, images, fast_weights, state, bn_mode=TRANSDUCTIVE, compute_dtype=None,
+                support=None):
         """Logits of a batch of tasks; see `MamlppNetwork.forward`.
 
         `images` needs a static number of tasks (the meta-step passes one).
         """
-        if compute_dtype != tf.float32:
-            raise ValueError("a KerasBackbone computes in float32; mixed precision is for "
-                             "the built-in network")
+        logits, moments, _ = self._forward(images, fast_weights, state, bn_mode, compute_dtype,
+                                           support)
+        return logits, moments
+
+    def running_embed(self, images):
+        """(n, features) inputs of the model's last layer for (n, h, w, c) images.
+
+        Under the initialisation, normalised by its running banks: each
+        image's features are its own. The export's `embed` signature serves it.
+        """
+        _, _, features = self._forward(images[tf.newaxis], self.initial_fast_weights(), 0,
+                                       RUNNING, None, [None] * len(self._norms))
+        return tf.reshape(features[0], (tf.shape(images)[0], -1))
+
+    def call(self, images):
+        """Logits of (batch, h, w, c) images under the initialisation, before adaptation."""
+        return self.forward(images[tf.newaxis], self.initial_fast_weights(), 0, RUNNING,
+                            support=[None] * len(self._norms))[0][0]
+
+    def get_config(self):
+        """The MAML++ settings around the model (the model is the user's own object)."""
+        return {"model": self.backbone.name, "way": self.way, "image_shape": self.image_shape,
+                "inner_steps": self.inner_steps, "bnrs": self.bnrs, "bnwb": self.bnwb,
+                "lslr": self.lslr, "inner_lr": self.inner_lr, "bn_momentum": self.bn_momentum,
+                "bn_mode": self.bn_mode}
+
+    def _forward(self, images, fast_weights, state, bn_mode, compute_dtype, support):
+        """(logits, support moments or None, inputs of the last layer), one task at a time."""
+        compute_dtype = tf.as_dtype(compute_dtype or self.variable_dtype)
+        graph = self._router.graph(compute_dtype)
         tasks = images.shape[0]
         if tasks is None:
             raise ValueError("KerasBackbone.forward needs a static number of tasks")
-        logits, moments = [], []
+        logits, moments, features = [], [], []
         for task in range(tasks):
             task_support = None if support is None else [
                 _task_moments(m, task, norm) for m, norm in zip(support, self._norms)]
-            task_logits, task_moments = self._task_forward(
-                images[task], {name: w[task] for name, w in fast_weights.items()}, state,
-                bn_mode, task_support)
-            logits.append(task_logits)
-            moments.append(task_moments)
-        logits = tf.cast(tf.stack(logits), tf.float32)
+            with self._router.routing({name: w[task] for name, w in fast_weights.items()},
+                                      state, bn_mode, task_support) as task_pass:
+                logits.append(tf.cast(graph(images[task]), self.variable_dtype))
+            moments.append(task_pass.moments)
+            features.append(task_pass.last_input)
+        logits, features = tf.stack(logits), tf.stack(features)
         if support is not None:
-            return logits, None
+            return logits, None, features
         return logits, [Moments(tf.concat([m[i].mean for m in moments], 0),
                                 tf.concat([m[i].variance for m in moments], 0), moments[0][i].size)
-                         for i in range(len(self._norms))]
+                        for i in range(len(self._norms))], features
 
-    def _task_forward(self, images, weights, state, bn_mode, support):
-        """One task's (batch, way) logits and, for a support pass, its per-norm moments."""
-        moments = [None] * len(self._norms)
-        target = support is not None
-        names = {id(layer): [f"{layer.name}/{i}" for i in range(len(layer.trainable_weights))]
-                 for layer in self._weighted}
 
-        def run_layer(layer, *args, **kwargs):
-            if isinstance(layer, keras.Model):
-                return _run_graph(layer, args[0], run_layer)
-            if id(layer) in self._norm_of:
-                index = self._norm_of[id(layer)]
-                x = args[0]
-                rank = len(x.shape)
-                x4 = x if rank == 4 else tf.reshape(x, (-1, 1, 1, x.shape[-1]))
-                y, moments[index] = self._norms[index](
-                    x4, state=state, mode=bn_mode, target=target,
-                    support=support[index] if target else None)
-                return y if rank == 4 else tf.reshape(y, tf.shape(x))
-            if id(layer) in names:
-                values = [weights[name] for name in names[id(layer)]]
-                non_trainable = [v.value for v in layer.non_trainable_variables]
-                outputs, _ = layer.stateless_call(values, non_trainable, *args, **kwargs)
-                return outputs
+class _Pass:
+    """One task's forward pass: what each routed layer call reads and leaves."""
+
+    def __init__(self, weights, state, bn_mode, support, norms):
+        self.weights = weights
+        self.state = state
+        self.bn_mode = bn_mode
+        self.support = support
+        self.moments = [None] * norms
+        self.last_input = None  # the input of the latest layer called: the last one's, at the end
+
+
+class _Router:
+    """Runs each layer of the copied graph as the current pass asks (see the module docstring).
+
+    A plain object, not a Keras layer, so that neither the copies nor the
+    pass's tensors are tracked as the model's state.
+    """
+
+    def __init__(self, backbone):
+        self.backbone = backbone
+        self.task_pass = None
+        self.graphs = {}  # compute dtype -> the copy of the user's graph that computes in it
+
+    def graph(self, compute_dtype):
+        """The copy of the user's model whose layers compute in `compute_dtype`."""
+        if compute_dtype not in self.graphs:
+            variable_dtype = self.backbone.variable_dtype
+            policy = (variable_dtype if compute_dtype == variable_dtype
+                      else keras.DTypePolicy(f"mixed_{compute_dtype.name}"))
+            self.graphs[compute_dtype] = keras.models.clone_model(
+                self.backbone.backbone, recursive=True,
+                clone_function=lambda layer: _Routed(layer, self, policy))
+        return self.graphs[compute_dtype]
+
+    def routing(self, *pass_settings):
+        """A context in which the copied graph runs one task's pass with `pass_settings`."""
+        router = self
+
+        class Routing:
+            def __enter__(self):
+                router.task_pass = _Pass(*pass_settings, len(router.backbone.norms))
+                return router.task_pass
+
+            def __exit__(self, *exc_info):
+                router.task_pass = None
+
+        return Routing()
+
+    def run(self, layer, *args, **kwargs):
+        task_pass, backbone = self.task_pass, self.backbone
+        if task_pass is None:  # clone_model building the copy on symbolic inputs
             return layer(*args, **kwargs)
+        task_pass.last_input = args[0]
+        if id(layer) in backbone._norm_of:
+            index = backbone._norm_of[id(layer)]
+            y, task_pass.moments[index] = _batch_norm(
+                backbone._norms[index], args[0], task_pass,
+                None if task_pass.support is None else task_pass.support[index])
+            return y
+        values = [task_pass.weights[f"{layer.name}/{index}"]
+                  for index in range(len(layer.trainable_weights))]
+        outputs, _ = layer.stateless_call(
+            values, [v.value for v in layer.non_trainable_variables], *args, **kwargs)
+        return outputs
 
-        return _run_graph(self.backbone, images, run_layer), moments
+
+class _Routed(keras.layers.Layer):
+    """A layer of the user's model in the copied graph; its calls go to the `_Router`.
+
+    Its dtype policy is the copy's: a mixed one casts the layer's floating
+    inputs, and the weights it reads, to the 16-bit dtype.
+    """
+
+    def __init__(self, layer, router, dtype_policy):
+        super().__init__(name=f"{layer.name}_routed", dtype=dtype_policy)
+        self.layer = layer
+        self.router = router
+
+    def call(self, *args, **kwargs):
+        return self.router.run(self.layer, *args, **kwargs)
+
+
+def _batch_norm(norm, x, task_pass, support):
+    """A per-step norm on one task's (batch, ..., channels) activations of any rank."""
+    rank = len(x.shape)
+    x4 = x if rank == 4 else tf.reshape(x, (-1, 1, 1, x.shape[-1]))
+    target = task_pass.support is not None
+    y, moments = norm(x4, state=task_pass.state, mode=task_pass.bn_mode, target=target,
+                      support=support)
+    return (y if rank == 4 else tf.reshape(y, tf.shape(x))), moments
 
 
 def _per_step_norm(layer, inner_steps, per_step_statistics, per_step_affine, momentum, bn_mode):
@@ -139,9 +241,11 @@ def _per_step_norm(layer, inner_steps, per_step_statistics, per_step_affine, mom
     if layer.axis not in (-1, len(layer.input.shape) - 1):
         raise ValueError(f"BatchNormalization layer {layer.name!r} normalises axis "
                          f"{layer.axis}; only the channels-last axis is supported")
+    # autocast=False: a 16-bit input stays 16-bit; the fused kernel takes either.
     norm = PerStepBatchNorm(inner_steps + 1, per_step_statistics, per_step_affine,
                             momentum=momentum, epsilon=layer.epsilon,
-                            task_norm=bn_mode == TASK_NORM, name=f"{layer.name}_per_step")
+                            task_norm=bn_mode == TASK_NORM, autocast=False,
+                            name=f"{layer.name}_per_step")
     channels = int(layer.input.shape[-1])
     norm.build((None, 1, 1, channels))
     for bank, source in ((norm.gamma, layer.gamma), (norm.beta, layer.beta)):
@@ -165,19 +269,3 @@ def _leaf_layers(model):
     for layer in model.layers:
         layers.extend(_leaf_layers(layer) if isinstance(layer, keras.Model) else [layer])
     return layers
-
-
-def _run_graph(model, inputs, run_layer):
-    """`model` on `inputs` with every layer call replaced by `run_layer(layer, *args)`.
-
-    A Sequential model is its layers in order; a functional one is walked by
-    Keras's own graph runner, the one `Functional.call` uses.
-    """
-    if isinstance(model, keras.Sequential):
-        x = inputs
-        for layer in model.layers:
-            x = run_layer(layer, x)
-        return x
-    return model._run_through_graph(
-        inputs, operation_fn=lambda layer: lambda *args, **kwargs: run_layer(
-            layer, *args, **kwargs))

@@ -38,6 +38,7 @@ NON_NEGATIVE = "non-negative"
 
 # The library objects a setting configures, as the keyword of its own name (builders.py).
 NETWORK = "network"  # MamlppNetwork
+BACKBONE = "backbone"  # KerasBackbone, around the model of --backbone
 SCHEDULE = "schedule"  # schedules.Schedule
 OPTIMIZER = "optimizer"  # schedules.meta_optimizer
 
@@ -59,7 +60,7 @@ def setting(default=None, *, help_text, architecture=False, constraint=None, per
         code), where it depends on the dataset; the field's own default is
         then Omniglot's.
       command_line: whether main.py makes a flag of it.
-      configures: the library objects (NETWORK, SCHEDULE, OPTIMIZER) that take
+      configures: the library objects (NETWORK, BACKBONE, SCHEDULE, OPTIMIZER) that take
         the setting as a keyword argument of the same name.
     """
     if per_dataset is not None:
@@ -114,6 +115,14 @@ class ExperimentConfig:
         4.0, constraint=NON_NEGATIVE,
         help_text="Folder data sets whose decoded images take more GiB than this are read "
                   "from the on-disk cache as episodes need them instead of held in memory.")
+    backbone: str | None = setting(
+        architecture=True,
+        help_text="The network: unset for the built-in 4-stage conv network, or "
+                  "MODULE:FUNCTION, a factory importable from the working directory or the "
+                  "Python path that takes (image_shape, way) and returns a Keras 3 model of "
+                  "standard layers mapping images to logits, meta-trained through "
+                  "KerasBackbone (e.g. tf_mamlpp.backbones:resnet12; --filters does not "
+                  "apply to it). Default: the built-in network.")
     filters: int = setting(per_dataset=dict(omniglot=64, mini_imagenet=48, folder=48),
                            architecture=True, constraint=POSITIVE, configures=(NETWORK,),
                            help_text="Filters of each conv stage.")
@@ -121,14 +130,15 @@ class ExperimentConfig:
                               configures=(NETWORK,),
                               help_text="Conv stages, each of which halves the image.")
     inner_steps: int = setting(per_dataset=dict(omniglot=5, mini_imagenet=5, folder=5),
-                               architecture=True, constraint=POSITIVE, configures=(NETWORK,),
+                               architecture=True, constraint=POSITIVE,
+                               configures=(NETWORK, BACKBONE),
                                help_text="Inner-loop steps in training.")
     eval_inner_steps: int | None = setting(
         constraint=POSITIVE,
         help_text="Inner-loop steps at validation and test; steps past --inner_steps reuse "
                   "the last step's BN banks and rates. Default: --inner_steps.")
     inner_lr: float = setting(per_dataset=dict(omniglot=0.1, mini_imagenet=0.01, folder=0.01),
-                              configures=(NETWORK,),
+                              configures=(NETWORK, BACKBONE),
                               help_text="Initial inner learning rate (every layer and step).")
     meta_lr: float = setting(1e-3, constraint=POSITIVE, configures=(OPTIMIZER,),
                              help_text="Adam learning rate at the start.")
@@ -149,11 +159,11 @@ class ExperimentConfig:
     second_order: bool = setting(True, configures=(SCHEDULE,),
                                  help_text="Use second-order meta-gradients (after the DA "
                                            "epochs); false trains first order throughout.")
-    bnrs: bool = setting(True, architecture=True, configures=(NETWORK,),
+    bnrs: bool = setting(True, architecture=True, configures=(NETWORK, BACKBONE),
                          help_text="BNRS: per-step batch-norm running statistics.")
-    bnwb: bool = setting(True, architecture=True, configures=(NETWORK,),
+    bnwb: bool = setting(True, architecture=True, configures=(NETWORK, BACKBONE),
                          help_text="BNWB: per-step batch-norm weights and biases.")
-    lslr: bool = setting(True, architecture=True, configures=(NETWORK,),
+    lslr: bool = setting(True, architecture=True, configures=(NETWORK, BACKBONE),
                          help_text="LSLR: learned per-layer, per-step inner learning rates.")
     ca: bool = setting(True, configures=(OPTIMIZER,),
                        help_text="CA: cosine annealing of the meta learning rate.")
@@ -165,7 +175,7 @@ class ExperimentConfig:
                   "(MetaBN: the support set's statistics at the same weights), task_norm "
                   "(TaskNorm-I: support and per-image moments blended by a learned weight) or "
                   "running (BNRS: the per-step running banks).",
-        configures=(NETWORK,))
+        configures=(NETWORK, BACKBONE))
     val_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed validation tasks.")
     test_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed test tasks.")
     seed: int = setting(0, help_text="Seed of the initialisation and the task streams.")

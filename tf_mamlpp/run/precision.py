@@ -137,7 +137,7 @@ def probe_key(config, parallel_tasks):
         "machine": gpus or cpu_description(), "tensorflow": tf.__version__,
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "parallel_tasks": parallel_tasks, "second_order": _first_order_of(config),
-        "shot": config.shot, "query": config.query,
+        "shot": config.shot, "query": config.query, "backbone": config.backbone,
         **_probe_network(config).get_config()}, sort_keys=True, default=str)
 
 
