@@ -99,7 +99,7 @@ def test_the_architecture_fields_are_what_a_checkpoint_depends_on():
     architecture = {name for name, field in FIELDS.items() if field.metadata["architecture"]}
     assert architecture == {"dataset", "way", "shot", "filters", "num_stages", "inner_steps",
                             "image_size", "channels", "bnrs", "bnwb", "lslr", "iters_per_epoch",
-                            "batch_size", "mixed_precision", "bn_mode"}
+                            "batch_size", "mixed_precision", "bn_mode", "backbone"}
 
 
 def test_every_command_line_field_has_a_flag_and_only_those(parsed_flags):
