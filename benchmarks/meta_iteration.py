@@ -4,6 +4,7 @@
     python -m benchmarks.meta_iteration --iterations=20 --variants=fold,loop
     python -m benchmarks.meta_iteration --reference_dir=PATH   # and the reference, same run
     python -m benchmarks.meta_iteration --bn_modes=transductive,support,task_norm,running
+    python -m benchmarks.meta_iteration --networks=builtin,keras_conv4,resnet12
 
 Each configuration runs in its own subprocess, so its peak resident memory is
 its own. Random images stand in for Omniglot (28x28x1): the step's cost does
@@ -38,6 +39,10 @@ flags.DEFINE_list("configs", None, "Names of the configurations to run, with _ f
                   "Default: all.")
 flags.DEFINE_list("bn_modes", ["transductive"], "Batch-norm modes to measure (main.py's "
                   "--bn_mode): transductive, support, task_norm, running. Default transductive.")
+flags.DEFINE_list("networks", ["builtin"], "Learners to measure: builtin (MamlppNetwork), "
+                  "keras_conv4 (the same architecture as a Keras model through KerasBackbone, "
+                  "tf_mamlpp.conv4), resnet12 (tf_mamlpp.resnet12 of the usual widths through "
+                  "KerasBackbone). Default builtin.")
 flags.DEFINE_bool("jit_compile", False, "Compile the meta-step with XLA. Default false.")
 flags.DEFINE_bool("mixed_precision", False, "Compute the meta-step in 16 bits, as main.py's "
                   "--mixed_precision (bfloat16 on a CPU, float16 on a GPU). Default false.")
@@ -50,8 +55,20 @@ flags.DEFINE_string("reference_dir", None, "A checkout of the paper's PyTorch im
 flags.DEFINE_string("child", None, "Internal: run one measurement and print it as JSON.")
 
 
+NETWORKS = ("builtin", "keras_conv4", "resnet12")
+
+
+def learner_network(network, way, inner_steps, bn_mode, image_shape=(28, 28, 1)):
+    """The `network` of --networks, `way` classes of Omniglot-sized images."""
+    import tf_mamlpp
+    if network == "builtin":
+        return tf_mamlpp.MamlppNetwork(way, image_shape, inner_steps, bn_mode=bn_mode)
+    model = (tf_mamlpp.conv4 if network == "keras_conv4" else tf_mamlpp.resnet12)(image_shape, way)
+    return tf_mamlpp.KerasBackbone(model, inner_steps, bn_mode=bn_mode)
+
+
 def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps=INNER_STEPS,
-            batch_size=BATCH_SIZE, bn_mode="transductive"):
+            batch_size=BATCH_SIZE, bn_mode="transductive", network="builtin"):
     """Times one configuration in this process; returns a dict of figures."""
     import keras
     import numpy as np
@@ -59,7 +76,6 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     from benchmarks.flops import graph_flops
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.mixed_precision import DynamicLossScale, compute_dtype
-    from tf_mamlpp.core.network import MamlppNetwork
     from tf_mamlpp.core.schedules import Phase
     from tf_mamlpp.hardware import cpu_threads
 
@@ -67,8 +83,8 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     if variant == "parallel":
         cpu_threads.configure(parallel_tasks)
     way, shot, second_order = CONFIGS[name]
-    network = MamlppNetwork(way, (28, 28, 1), inner_steps, bn_mode=bn_mode)
-    learner = MetaLearner(network, keras.optimizers.Adam(1e-3),
+    learner = MetaLearner(learner_network(network, way, inner_steps, bn_mode),
+                          keras.optimizers.Adam(1e-3),
                           jit_compile=jit_compile, fold_tasks=variant == "fold",
                           parallel_tasks=parallel_tasks,
                           loss_scale=(DynamicLossScale(compute_dtype=compute_dtype())
@@ -81,17 +97,16 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     # The step is one task's graph run batch_size times (map_fn), or the same
     # arithmetic folded; count one task's graph and scale it.
     one_task = random_batch(way, shot, QUERY, 1)
-    task_graph = tf.function(learner._tasks_step).get_concrete_function(
-        one_task, weights, second_order, True).graph
+    task_graph = tf.function(learner._tasks_step).get_concrete_function(one_task, phase).graph
     flops = graph_flops(task_graph) * batch_size
     return {"seconds": seconds, "first_call": first_call, "peak_gb": peak_gb(),
             "gflop": flops / 1e9, "gflop_per_s": flops / seconds / 1e9}
 
 
 def run_child(name, variant, inner_steps=INNER_STEPS, batch_size=BATCH_SIZE,
-              bn_mode="transductive"):
-    return run_json_child(__spec__.name,
-                          f"--child={name}|{variant}|{inner_steps}|{batch_size}|{bn_mode}",
+              bn_mode="transductive", network="builtin"):
+    return run_json_child(__spec__.name, f"--child={name}|{variant}|{inner_steps}|{batch_size}|"
+                                         f"{bn_mode}|{network}",
                           f"--iterations={FLAGS.iterations}", f"--jit_compile={FLAGS.jit_compile}",
                           f"--mixed_precision={FLAGS.mixed_precision}")
 
@@ -122,10 +137,10 @@ def main(argv):
         if variant == "reference":
             print(json.dumps(measure_reference(name, FLAGS.iterations, FLAGS.reference_dir)))
         else:
-            inner_steps, batch_size, bn_mode = sizes
+            inner_steps, batch_size, bn_mode, network = sizes
             print(json.dumps(measure(name, variant, FLAGS.iterations, FLAGS.jit_compile,
                                      FLAGS.mixed_precision, int(inner_steps), int(batch_size),
-                                     bn_mode)))
+                                     bn_mode, network)))
         return
     if FLAGS.scaling:
         print_scaling()
@@ -136,6 +151,10 @@ def main(argv):
         if unknown:
             raise ValueError(f"--bn_modes: unknown mode {', '.join(unknown)}; known: "
                              f"{', '.join(BN_MODES)}")
+        unknown = sorted(set(FLAGS.networks) - set(NETWORKS))
+        if unknown:
+            raise ValueError(f"--networks: unknown network {', '.join(unknown)}; known: "
+                             f"{', '.join(NETWORKS)}")
         reference_dir = FLAGS.reference_dir and check_checkout(FLAGS.reference_dir)
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -147,14 +166,15 @@ def main(argv):
           f"mixed_precision={FLAGS.mixed_precision}; "
           f"4096x4096 matmul {matmul:.1f} GFLOP/s; reference {reference}")
     print(f"CPU: {cpu_description()}")
-    print("| configuration | variant | batch norm | s/iter | reference s/iter | speed-up "
-          "| peak GB | reference GB | first call s | GFLOP/iter | GFLOP/s | of matmul |")
-    print("| --- " * 12 + "|")
+    print("| configuration | network | variant | batch norm | s/iter | reference s/iter "
+          "| speed-up | peak GB | reference GB | first call s | GFLOP/iter | GFLOP/s | of matmul |")
+    print("| --- " * 13 + "|")
     for name in names:
         reference_seconds, reference_gb = reference_figures(name, reference_dir)
-        for variant, bn_mode in itertools.product(FLAGS.variants, FLAGS.bn_modes):
-            figures = run_child(name, variant, bn_mode=bn_mode)
-            print(f"| {name} | {variant} | {bn_mode} | {figures['seconds']:.3f} "
+        for network, variant, bn_mode in itertools.product(FLAGS.networks, FLAGS.variants,
+                                                           FLAGS.bn_modes):
+            figures = run_child(name, variant, bn_mode=bn_mode, network=network)
+            print(f"| {name} | {network} | {variant} | {bn_mode} | {figures['seconds']:.3f} "
                   f"| {reference_seconds:.3g} "
                   f"| {reference_seconds / figures['seconds']:.2f}x | {figures['peak_gb']:.2f} "
                   f"| {reference_gb:.2f} | {figures['first_call']:.1f} | {figures['gflop']:.1f} "

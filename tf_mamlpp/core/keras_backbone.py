@@ -9,8 +9,12 @@ user's layers and weights, and each wrapped call is routed here:
 - a BatchNormalization layer runs as a `PerStepBatchNorm` created for it,
   which gives it BNRS, BNWB and the batch-norm modes; the banks start from
   the layer's gamma and beta, and the layer's own weights are frozen;
-- any other layer (pooling, activations, Flatten, GlobalAveragePooling, Add)
-  through `Layer.stateless_call` too.
+- a 2x2 MaxPooling2D through the closed-form max-pool derivatives of
+  ops/max_pool_kernel.py, as in the built-in network; in a Sequential model
+  a LeakyReLU or ReLU right before it is taken into the same kernel, whose
+  activation derivative then runs on the pooled values;
+- any other layer (activations, Flatten, GlobalAveragePooling, Add) through
+  `Layer.stateless_call` too.
 Under mixed precision the copy's wrappers take Keras's mixed dtype policy
 ("mixed_bfloat16", "mixed_float16"), so Keras casts each layer's inputs
 and weights to the 16-bit dtype as it does for a mixed-precision model.
@@ -27,6 +31,7 @@ import tensorflow as tf
 from tf_mamlpp.core.batch_norm_modes import RUNNING, TASK_NORM, TRANSDUCTIVE, check_mode
 from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import Moments, PerStepBatchNorm
+from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
 
 
 class KerasBackbone(FastWeightsModel):
@@ -66,6 +71,7 @@ class KerasBackbone(FastWeightsModel):
         self._norms = norms
         self._weighted = [layer for layer in layers
                           if layer.trainable_weights and id(layer) not in self._norm_of]
+        self._pool_slopes, self._folded_activations = _fast_pools(model)
         self._rates = [self.add_weight(
             name=f"{layer.name}_inner_rate", shape=(inner_steps,),
             initializer=keras.initializers.Constant(inner_lr), trainable=lslr)
@@ -197,6 +203,10 @@ class _Router:
         if task_pass is None:  # clone_model building the copy on symbolic inputs
             return layer(*args, **kwargs)
         task_pass.last_input = args[0]
+        if id(layer) in backbone._folded_activations:
+            return args[0]  # the max-pool after it applies it
+        if id(layer) in backbone._pool_slopes:
+            return leaky_relu_max_pool_2x2(args[0], backbone._pool_slopes[id(layer)])
         if id(layer) in backbone._norm_of:
             index = backbone._norm_of[id(layer)]
             y, task_pass.moments[index] = _batch_norm(
@@ -261,6 +271,51 @@ def _task_moments(moments, task, norm):
     channels = norm.gamma.shape[-1]
     part = slice(task * channels, (task + 1) * channels)
     return Moments(moments.mean[part], moments.variance[part], moments.size)
+
+
+def _fast_pools(model):
+    """The max-pools the closed-form kernel takes, and the activations taken into it.
+
+    Returns:
+      ({id of a 2x2 MaxPooling2D: the leaky ReLU slope it applies first, 1.0
+      for none}, {ids of the activations taken into the max-pool after them}).
+    """
+    slopes, folded = {}, set()
+    for layer in _leaf_layers(model):
+        if _is_2x2_max_pool(layer):
+            slopes[id(layer)] = 1.0  # a leaky ReLU of slope 1 is the identity
+    for sequential in [model, *_nested_models(model)]:
+        if not isinstance(sequential, keras.Sequential):
+            continue
+        for activation, pool in zip(sequential.layers, sequential.layers[1:]):
+            slope = _leaky_relu_slope(activation)
+            if id(pool) in slopes and slope is not None:
+                slopes[id(pool)] = slope
+                folded.add(id(activation))
+    return slopes, folded
+
+
+def _is_2x2_max_pool(layer):
+    return (isinstance(layer, keras.layers.MaxPooling2D) and tuple(layer.pool_size) == (2, 2)
+            and tuple(layer.strides) == (2, 2) and layer.padding == "valid"
+            and layer.data_format == "channels_last")
+
+
+def _leaky_relu_slope(layer):
+    """The negative slope of a plain (leaky) ReLU layer, None for any other layer."""
+    if isinstance(layer, keras.layers.LeakyReLU):
+        return float(layer.negative_slope)
+    if (isinstance(layer, keras.layers.ReLU) and layer.max_value is None
+            and layer.threshold == 0):
+        return float(layer.negative_slope)
+    return None
+
+
+def _nested_models(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield layer
+            yield from _nested_models(layer)
 
 
 def _leaf_layers(model):
