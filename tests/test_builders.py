@@ -119,16 +119,28 @@ def test_a_residual_backbone_meta_trains_through_main_above_its_untrained_accura
 
 
 @pytest.mark.slow
-def test_the_residual_backbones_run_exports_an_adapting_model(resnet_run):
+def test_the_residual_backbones_export_adapts_to_image_folders_through_main(resnet_run):
     folder, _ = resnet_run
-    import tensorflow as tf
-    model = tf.saved_model.load(str(folder / "runs" / "resnet" / "export"))
     rng = np.random.default_rng(0)
-    answer = model.signatures["adapt_and_predict"](
-        support_images=tf.constant(rng.uniform(0, 1, (5, 28, 28, 1)), tf.float32),
-        support_labels=tf.range(5), query_images=tf.constant(rng.uniform(0, 1, (2, 28, 28, 1)),
-                                                             tf.float32))
-    assert answer["probabilities"].shape == (2, 5)
+    for index in range(5):
+        (folder / "support" / f"class{index}").mkdir(parents=True)
+        write_png(folder / "support" / f"class{index}" / "a.png", rng)
+    (folder / "query").mkdir()
+    for name in ("x.png", "y.png"):
+        write_png(folder / "query" / name, rng)
+    completed = run_main("--mode=adapt", f"--export_dir={folder / 'runs' / 'resnet' / 'export'}",
+                         f"--support_dir={folder / 'support'}", f"--query_dir={folder / 'query'}")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    rows = [line.split("\t") for line in completed.stdout.strip().splitlines()]
+    assert [row[0] for row in rows] == ["x.png", "y.png"]
+    assert all(row[1] in {f"class{index}" for index in range(5)} and 0 < float(row[2]) <= 1
+               for row in rows)
+
+
+def write_png(path, rng):
+    import tensorflow as tf
+    pixels = tf.constant(rng.integers(0, 256, (28, 28, 1)), tf.uint8)
+    path.write_bytes(tf.io.encode_png(pixels).numpy())
 
 
 @pytest.mark.slow

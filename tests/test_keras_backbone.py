@@ -15,14 +15,7 @@ WAY, STEPS, IMAGE_SHAPE, FILTERS = 3, 2, (8, 8, 1), 3
 
 def builtin_as_keras(way=WAY, filters=FILTERS, stages=2):
     """The built-in network's architecture written as a user would, with standard layers."""
-    layers = [keras.Input(IMAGE_SHAPE)]
-    for _ in range(stages):
-        layers += [keras.layers.Conv2D(filters, 3, padding="same", use_bias=False),
-                   keras.layers.BatchNormalization(epsilon=1e-5),
-                   keras.layers.LeakyReLU(negative_slope=0.01),
-                   keras.layers.MaxPooling2D(2)]
-    layers += [keras.layers.Flatten(), keras.layers.Dense(way)]
-    return keras.Sequential(layers)
+    return tf_mamlpp.conv4(IMAGE_SHAPE, way, filters, stages)
 
 
 def twin_learners(bn_mode):
