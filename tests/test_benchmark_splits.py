@@ -23,7 +23,7 @@ from tf_mamlpp.data.class_images import DataError
 from tf_mamlpp.run import preflight, task_streams
 from tf_mamlpp.run.config import resolve
 
-IMAGES_PER_CLASS = 3
+IMAGES_PER_CLASS = 2
 # The sizes and settings each benchmark's papers use: (image size, target images per class).
 PAPER_SETTINGS = {"cifar_fs": (32, 15), "fc100": (32, 15), "cub": (84, 16)}
 SPLIT_SIZES = {"cifar_fs": (64, 16, 20), "fc100": (60, 20, 20), "cub": (100, 50, 50)}
