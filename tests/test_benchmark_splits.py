@@ -11,18 +11,22 @@ images of the tfds label it names, and no image may be in two splits.
 
 import itertools
 import json
+import pathlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import flags
 
 from tf_mamlpp.data.benchmark_splits import (BENCHMARKS, CLASS_LISTS, class_indices,
                                              published_classes)
 from tf_mamlpp.data.class_images import DataError
-from tf_mamlpp.run import preflight, task_streams
+from tf_mamlpp.run import config_flags, preflight, task_streams
 from tf_mamlpp.run.config import resolve
 
+
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 IMAGES_PER_CLASS = 2
 # The sizes and settings each benchmark's papers use: (image size, target images per class).
 PAPER_SETTINGS = {"cifar_fs": (32, 15), "fc100": (32, 15), "cub": (84, 16)}
@@ -150,3 +154,19 @@ def test_each_benchmark_takes_its_papers_settings(name):
     # The network's settings are the paper's for natural images (mini-ImageNet).
     assert (config.filters, config.batch_size, config.inner_lr) == (48, 2, 0.01)
     assert config.tfds_name == BENCHMARKS[name].tfds_name
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+@pytest.mark.parametrize("shot", [1, 5])
+def test_each_flag_file_is_its_benchmark_with_the_defaults_it_takes(name, shot):
+    path = REPOSITORY / "experiments" / f"{name}_5way_{shot}shot.flags"
+    lines = path.read_text().splitlines()
+    assert lines[0] == f"#   python main.py --flagfile=experiments/{path.name} --tfds_data_dir=DIR"
+    assert lines[1].startswith("# Published: ")
+    arguments = [line for line in lines if line.startswith("--")]
+    assert arguments[0] == f"--dataset={name}"
+    flag_values = flags.FlagValues()
+    config_flags.define_config_flags(flag_values)
+    flag_values(["main.py", *arguments[1:]])
+    assert resolve(name, **config_flags.config_values(flag_values)) == resolve(
+        name, way=5, shot=shot, bn_mode="transductive")
