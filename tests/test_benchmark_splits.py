@@ -25,7 +25,6 @@ from tf_mamlpp.data.class_images import DataError
 from tf_mamlpp.run import config_flags, preflight, task_streams
 from tf_mamlpp.run.config import resolve
 
-
 REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
 IMAGES_PER_CLASS = 2
 # The sizes and settings each benchmark's papers use: (image size, target images per class).
