@@ -9,6 +9,7 @@ as it finds a data set copied there from a machine with internet.
 
 import concurrent.futures
 import dataclasses
+import re
 import shutil
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import run_main
+from conftest import MAIN, run_main, run_python
 from synthetic_images import class_image, write_image
 from test_bad_input import assert_one_line_error, snapshot
 from tf_mamlpp.config_error import ConfigError
@@ -200,6 +201,22 @@ def test_a_data_set_that_cannot_serve_is_named_without_reading_it(tfds_dir, name
 def test_an_unprepared_data_set_may_be_downloaded_if_asked(tmp_path):
     source = open_tfds("cifar100", tfds_data_dir=str(tmp_path), tfds_download=True)
     assert not source.prepared and source.label_key == "label" and source.channels == 3
+
+
+@pytest.mark.slow
+def test_a_benchmark_not_prepared_is_named_before_tensorflow_loads(tmp_path):
+    # -X importtime lists every module imported; TensorFlow must not be one.
+    completed = run_python("-X", "importtime", str(MAIN), "--dataset=cifar_fs", "--way=5",
+                           "--shot=1", f"--tfds_data_dir={tmp_path}",
+                           f"--logdir={tmp_path / 'runs'}")
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: --dataset=cifar_fs: TensorFlow Datasets' cifar100 "
+                                f"3.0.2 is not prepared in {tmp_path}; "), lines[-1]
+    imported = [line.split("|")[-1].strip() for line in lines if line.startswith("import time:")]
+    assert "tensorflow_datasets" in imported
+    assert not [name for name in imported if re.match(r"tensorflow(\.|$)", name)]
+    assert [path.name for path in tmp_path.iterdir()] == []
 
 
 # A few meta-iterations on a tiny network: end to end, not learning (test_main.py's).
