@@ -26,7 +26,7 @@ from tf_mamlpp.data.class_images import ClassImages, DataError
 from tf_mamlpp.data.image_folders import split_by_ratios
 from tf_mamlpp.data.mapped_class_images import MappedClassImages
 from tf_mamlpp.data.tfds_source import open_tfds
-from tf_mamlpp.run import preflight, task_streams
+from tf_mamlpp.run import preflight, run_directory, task_streams
 from tf_mamlpp.run.config import resolve
 from tf_mamlpp.serving import saved_model
 
@@ -198,9 +198,35 @@ def test_a_data_set_that_cannot_serve_is_named_without_reading_it(tfds_dir, name
         assert raised.value.fields in {("tfds_data_dir", "tfds_download"), ("tfds_label",)}
 
 
-def test_an_unprepared_data_set_may_be_downloaded_if_asked(tmp_path):
-    source = open_tfds("cifar100", tfds_data_dir=str(tmp_path), tfds_download=True)
-    assert not source.prepared and source.label_key == "label" and source.channels == 3
+def test_a_data_set_not_prepared_is_prepared_where_the_download_is_asked_for(tmp_path):
+    """TinyShapes's code is registered in this process, so tfds can "download" it offline."""
+    with pytest.raises(ConfigError, match="tiny_shapes 1.0.0 is not prepared in"):
+        tfds_images.load_tfds("tiny_shapes", image_size=16, tfds_data_dir=str(tmp_path))
+    images = tfds_images.load_tfds("tiny_shapes", image_size=16, tfds_data_dir=str(tmp_path),
+                                   tfds_download=True)
+    assert images.class_counts.tolist() == [2 * PER_SPLIT] * CLASSES
+    assert (tmp_path / "tiny_shapes" / "1.0.0" / "dataset_info.json").is_file()
+
+
+@pytest.mark.parametrize("dataset, settings, message", [
+    ("tfds:", {}, "dataset=tfds:: name the TensorFlow Datasets set, e.g. dataset=tfds:cifar100"),
+    ("cub", {"data_dir": "/data"}, "data_dir=/data conflicts with dataset=cub, which "
+                                   "TensorFlow Datasets reads; pass tfds_data_dir=DIR instead"),
+    ("fc100", {"tfds_label": "coarse_label"}, "tfds_label=coarse_label conflicts with "
+                                              "dataset=fc100, whose classes are cifar100's label"),
+    ("cifar_fs", {"split_ratios": "0.5,0.25,0.25"}, "split_ratios=0.5,0.25,0.25 conflicts with "
+                                                    "dataset=cifar_fs, which has fixed splits"),
+])
+def test_settings_that_conflict_with_a_tfds_set_are_named(dataset, settings, message):
+    with pytest.raises(ConfigError) as raised:
+        preflight.check_settings(resolve(dataset, **settings))
+    assert str(raised.value).startswith(message)
+
+
+def test_a_tfds_run_is_named_by_one_folder():
+    config = resolve("tfds:cifar10_corrupted/fog_1:1.0.0", way=20)
+    assert run_directory.experiment_name(config) == (
+        "tfds_cifar10_corrupted_fog_1_1.0.0_20way_1shot_seed0")
 
 
 @pytest.mark.slow

@@ -120,9 +120,9 @@ class TfdsImages:
     def classes(self, indices=None, names=None) -> TfdsClasses:
         """The classes `indices` (default: every class that has images), named `names`
         (default: the label's names)."""
-        counts = self.class_counts()
+        counts, label_names = self.class_counts(), self.source.label_names
         indices = [int(c) for c in (np.flatnonzero(counts) if indices is None else indices)]
-        names = names or [self.source.label_names[c] for c in indices]
+        names = names or [label_names[c] for c in indices]
         return TfdsClasses(indices, list(names), counts[indices], self.source.description)
 
     def decoded_bytes(self, classes: TfdsClasses) -> int:

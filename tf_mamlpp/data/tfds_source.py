@@ -37,8 +37,6 @@ class TfdsSource:
       data_dir: the tfds data directory it was looked for in.
       builder: its `tfds.core.DatasetBuilder`, which reads the prepared records.
       image_key, label_key: the features read.
-      label_names: one name per class of the label ("0", "1", ... where the
-        data set names none).
       channels: 1 or 3, the images' own (alpha is dropped).
     """
 
@@ -47,8 +45,13 @@ class TfdsSource:
     builder: object
     image_key: str
     label_key: str
-    label_names: list[str]
     channels: int
+
+    @property
+    def label_names(self) -> list[str]:
+        """One name per class of the label ("0", "1", ... where the data set names none,
+        and, for some data sets, until they are prepared: tfds reads the names then)."""
+        return list(self.builder.info.features[self.label_key].names)
 
     @property
     def prepared(self) -> bool:
@@ -123,7 +126,7 @@ def open_tfds(name, tfds_label=DEFAULT_LABEL, tfds_data_dir=None, tfds_download=
                   if isinstance(feature, tfds.features.ClassLabel)]
         raise ConfigError(f"tfds_label={tfds_label}: {name} has no class label of that name "
                           f"(its class labels: {', '.join(labels) or 'none'})", "tfds_label")
-    return TfdsSource(name, str(data_dir), builder, image_key, tfds_label, list(label.names),
+    return TfdsSource(name, str(data_dir), builder, image_key, tfds_label,
                       1 if features[image_key].shape[-1] in (1, 2) else 3)
 
 

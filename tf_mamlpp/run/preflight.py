@@ -164,7 +164,7 @@ def _checked_tfds(config):
     try:
         source = tfds_source.open_tfds(config.tfds_name, config.tfds_label,
                                        config.tfds_data_dir, config.tfds_download)
-        if config.dataset in benchmark_splits.BENCHMARKS:
+        if config.dataset in benchmark_splits.BENCHMARKS and source.prepared:
             benchmark_splits.class_indices(config.dataset, source.label_names)
     except (ConfigError, DataError) as error:
         fields = error.fields if isinstance(error, ConfigError) else ()

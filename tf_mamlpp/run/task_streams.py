@@ -61,6 +61,7 @@ def _tfds_splits(config):
     source = tfds_source.open_tfds(config.tfds_name, config.tfds_label, config.tfds_data_dir,
                                    config.tfds_download)
     images = tfds_images.TfdsImages(source, config.image_size, config.channels)
+    images.class_counts()  # prepares the data set first where tfds_download asks for it
     if config.dataset in benchmark_splits.BENCHMARKS:
         names = benchmark_splits.published_classes(config.dataset)
         splits = {split: images.classes(indices, names[split]) for split, indices in
