@@ -205,7 +205,9 @@ def test_a_data_set_not_prepared_is_prepared_where_the_download_is_asked_for(tmp
     images = tfds_images.load_tfds("tiny_shapes", image_size=16, tfds_data_dir=str(tmp_path),
                                    tfds_download=True)
     assert images.class_counts.tolist() == [2 * PER_SPLIT] * CLASSES
-    assert (tmp_path / "tiny_shapes" / "1.0.0" / "dataset_info.json").is_file()
+    prepared = tmp_path / "tiny_shapes" / "1.0.0"
+    assert (prepared / "dataset_info.json").is_file()
+    assert len(list(prepared.glob(".tf_mamlpp_cache/16x16x3/label/*.npy"))) == CLASSES
 
 
 @pytest.mark.parametrize("dataset, settings, message", [

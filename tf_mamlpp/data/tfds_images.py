@@ -74,8 +74,13 @@ class TfdsImages:
                  cache_dir=decoded_images.DEFAULT_CACHE_DIR):
         self.source = source
         self.shape = (image_size, image_size, channels or source.channels)
-        self.directory = decoded_images.cache_dir(
-            source.builder.data_dir, image_size, self.shape[2], cache_dir) / source.label_key
+        self.cache_dir = cache_dir
+
+    @property
+    def directory(self):
+        """The cache folder; asked each time, as the data set's folder may come with a download."""
+        return decoded_images.cache_dir(self.source.builder.data_dir, self.shape[0],
+                                        self.shape[2], self.cache_dir) / self.source.label_key
 
     def class_counts(self) -> np.ndarray:
         """int64, the images of each class of the label, all splits pooled.
