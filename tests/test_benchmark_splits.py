@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.data.benchmark_splits: the published class splits, as the runs read them.
+"""Specification of tf_mamlpp.data.benchmark_splits: the published class splits, as runs read them.
 
 There is no internet here to prepare CIFAR-100 or CUB-200-2011, so the loaders
 run under `tfds.testing.mock_data` on tfds's real builders: the test writes

@@ -5,7 +5,7 @@ can serve few-shot tasks: a 2-D image feature of 8-bit pixels and a
 `ClassLabel` feature that names each image's class. Only tfds's metadata is
 read (dataset_info.json, features.json), never a record, and TensorFlow is
 not loaded, so that a wrong name, an unprepared data set or a missing label
-ends the command in well under a second, before anything is written.
+ends the command in about a second, before anything is written.
 
 Reading is always `download=False`: a data set that is not prepared is an
 error that says how to prepare it (`tfds build NAME` where there is
