@@ -34,8 +34,10 @@ flags.DEFINE_enum("mode", "train", ["train", "test", "export", "adapt"],
                   "export: write the run's best checkpoint as a SavedModel to --export_dir. "
                   "adapt: adapt the SavedModel in --export_dir to --support_dir and classify "
                   "--query_dir. Default train.")
-flags.DEFINE_string("dataset", "omniglot", "Dataset name: omniglot, mini_imagenet, or folder "
-                    "(any --data_dir of class folders). Default omniglot.")
+flags.DEFINE_string("dataset", "omniglot", "Dataset name: omniglot, mini_imagenet, folder "
+                    "(any --data_dir of class folders), the few-shot benchmarks cifar_fs, fc100 "
+                    "and cub, or tfds:NAME (any TensorFlow Datasets image set), the last four "
+                    "read from --tfds_data_dir. Default omniglot.")
 config_flags.define_config_flags()
 flags.DEFINE_string("logdir", "runs", "Parent folder of the runs. Default runs.")
 flags.DEFINE_string("experiment", None, "Run directory name under --logdir. Default: "

@@ -9,6 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["tf_mamlpp", "tf_mamlpp.*"]),
+    # The published class lists of the few-shot benchmarks (benchmark_splits.py).
+    package_data={"tf_mamlpp.data": ["class_lists/*.json"]},
     python_requires=">=3.10",
     install_requires=[
         "tensorflow>=2.16",

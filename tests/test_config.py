@@ -171,7 +171,7 @@ def test_every_help_text_states_the_default(parsed_flags):
     assert helps["meta_lr"].endswith("Default 0.001.")
     assert helps["msl"].endswith("Default true.")
     assert helps["filters"] == ("Filters of each conv stage. Default: 64 on omniglot, 48 on "
-                                "mini_imagenet and folder.")
+                                "mini_imagenet, folder, cifar_fs, fc100, cub and tfds:NAME.")
     assert helps["inner_steps"].endswith("Default: 5 on every dataset.")
     # Shipped data is shown where it lies in the repository, not on this machine.
     assert helps["data_dir"].endswith("Default: datasets/omniglot on omniglot, "

@@ -35,6 +35,7 @@ _HOMES = {
     "episode_dataset": "tf_mamlpp.data.episodes",
     "from_class_arrays": "tf_mamlpp.data.class_images",
     "load_omniglot": "tf_mamlpp.data.omniglot",
+    "load_tfds": "tf_mamlpp.data.tfds_images",
     "split_classes": "tf_mamlpp.data.omniglot",
     "num_background_classes": "tf_mamlpp.data.omniglot",
     # Results as the paper reports them, and the SavedModel.

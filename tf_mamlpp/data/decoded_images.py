@@ -69,7 +69,7 @@ def fill_cache(class_files, image_size, channels, directory):
              zip(class_files.names, class_files.files)]
     shape = (image_size, image_size, channels)
     missing = [c for c, path in enumerate(paths)
-               if _open_cached(path, len(class_files.files[c]), shape) is None]
+               if open_cached(path, len(class_files.files[c]), shape) is None]
     if missing:
         logging.info("Decoding %d of the %d classes of %s into %s.", len(missing),
                      class_files.num_classes, class_files.source, directory)
@@ -92,12 +92,26 @@ def load_split(class_files, image_size, channels, directory, in_memory=True):
       DataError: as `fill_cache`.
     """
     paths = fill_cache(class_files, image_size, channels, directory)
-    shape = (image_size, image_size, channels)
-    arrays = [_open_cached(path, len(files), shape)
-              for path, files in zip(paths, class_files.files)]
+    return read_classes(paths, class_files.class_counts, class_files.names,
+                        (image_size, image_size, channels), in_memory)
+
+
+def read_classes(paths, counts, names, shape, in_memory=True):
+    """Cache files of one uint8 (count, *shape) array per class, in memory or memory-mapped.
+
+    Also for the caches of TensorFlow Datasets sets (tfds_images.py).
+
+    Raises:
+      DataError: a file is missing or not what is expected, naming it.
+    """
+    arrays = []
+    for path, count in zip(paths, counts):
+        arrays.append(open_cached(path, int(count), shape))
+        if arrays[-1] is None:
+            raise DataError(f"{path}: decoded-image cache file missing or changed while read")
     if in_memory:
-        return from_class_arrays([np.asarray(array) for array in arrays], class_files.names)
-    return MappedClassImages(arrays, class_files.names)
+        return from_class_arrays([np.asarray(array) for array in arrays], names)
+    return MappedClassImages(arrays, names)
 
 
 def _cache_name(class_name, files):
@@ -106,7 +120,7 @@ def _cache_name(class_name, files):
     return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', class_name)}_{digest}.npy"
 
 
-def _open_cached(path, count, shape):
+def open_cached(path, count, shape):
     """The memory-mapped cache file, or None when it is missing or not what is expected."""
     if not path.is_file():
         return None

@@ -15,8 +15,10 @@ all decode here, so a file gives the same pixels whichever of them reads it. The
    reduction that bilinear (4 input pixels per output pixel) would skip.
 Image folders' images (`rounded_to_uint8`) take step 4 before step 3 and are
 rounded to 8 bits between them, so that a large data set's cache holds uint8,
-a quarter of float32's size; Omniglot's are not rounded. All of it is
-TensorFlow ops, traceable inside a tf.function and a SavedModel.
+a quarter of float32's size; Omniglot's are not rounded. TensorFlow Datasets
+hands its images over decoded; `resized_8bit` takes them from step 2 on, so
+that such a data set's images are those of its files (tfds_images.py). All of
+it is TensorFlow ops, traceable inside a tf.function and a SavedModel.
 """
 
 import numpy as np
@@ -41,8 +43,24 @@ def decode_image(contents, image_shape, rounded_to_uint8=False):
 def decode_resized(contents, image_size, channels):
     """Image file contents to uint8 (image_size, image_size, channels): an image folder's
     training image as the decoded-image cache keeps it (steps 1, 2 and 4, rounded)."""
-    image = tf.image.resize(_decode_8bit(contents, channels), (image_size, image_size),
-                            method="area")
+    return resized_8bit(tf.io.decode_image(contents, channels=3, expand_animations=False),
+                        image_size, channels)
+
+
+def resized_8bit(image, image_size, channels):
+    """A decoded uint8 (H, W, c) image, c 1 to 4, as `decode_resized` gives its file.
+
+    Its alpha channel, if any, is dropped as step 1 drops a file's; a
+    grayscale image is made RGB as decoding its file as RGB would.
+    """
+    without_alpha = {4: 3, 2: 1}.get(image.shape[-1])
+    if without_alpha:
+        image = image[..., :without_alpha]
+    if image.shape[-1] == 1 and channels == 3:
+        image = tf.image.grayscale_to_rgb(image)
+    elif image.shape[-1] == 3 and channels == 1:
+        image = tf.image.rgb_to_grayscale(image)
+    image = tf.image.resize(image, (image_size, image_size), method="area")
     return tf.saturate_cast(tf.round(image), tf.uint8)
 
 

@@ -189,13 +189,28 @@ def split_sizes(num_classes: int, ratios: tuple[float, float, float]) -> tuple[i
     return sizes
 
 
+def split_by_ratios(num_classes: int, split_ratios: str | None = None) -> dict[str, list[int]]:
+    """Classes 0..num_classes-1 shuffled with the fixed SPLIT_SEED and cut by `split_ratios`.
+
+    Also how a TensorFlow Datasets set's classes are split (tfds_images.py).
+
+    Returns:
+      SPLITS to sorted class indices.
+
+    Raises:
+      ConfigError: as `parse_split_ratios` and `split_sizes`.
+    """
+    sizes = split_sizes(num_classes, parse_split_ratios(split_ratios or DEFAULT_SPLIT_RATIOS))
+    order = np.random.RandomState(SPLIT_SEED).permutation(num_classes)
+    ends = np.cumsum(sizes)
+    return {split: sorted(int(c) for c in order[end - size:end])
+            for split, size, end in zip(SPLITS, sizes, ends)}
+
+
 def _split_class_folders(data_dir, split_ratios):
     everything = _index_class_folders(data_dir)
-    sizes = split_sizes(everything.num_classes, parse_split_ratios(split_ratios))
-    order = np.random.RandomState(SPLIT_SEED).permutation(everything.num_classes)
-    ends = np.cumsum(sizes)
-    return {split: everything.select(sorted(order[end - size:end]))
-            for split, size, end in zip(SPLITS, sizes, ends)}
+    return {split: everything.select(classes)
+            for split, classes in split_by_ratios(everything.num_classes, split_ratios).items()}
 
 
 def image_channels(path) -> int:

@@ -18,7 +18,9 @@ import types
 
 from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.core.batch_norm_modes import BN_MODES
+from tf_mamlpp.data.benchmark_splits import BENCHMARKS
 from tf_mamlpp.data.image_folders import DEFAULT_SPLIT_RATIOS
+from tf_mamlpp.data.tfds_source import DEFAULT_LABEL
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The data shipped with the project, found wherever the command is run from.
@@ -26,7 +28,14 @@ SHIPPED_DATA = os.path.join(REPOSITORY, "datasets")
 
 # "folder" is any folder of class folders: it takes the paper's natural-image
 # settings, with the channels read from the images and no default data_dir.
-DATASETS = ("omniglot", "mini_imagenet", "folder")
+# The few-shot benchmarks (benchmark_splits.py) and `tfds:NAME`, any image set
+# of TensorFlow Datasets, are read through tfds; a tfds set's channels are its
+# images' own. TFDS stands for every `tfds:NAME` where a dataset's defaults are
+# looked up.
+TFDS_PREFIX = "tfds:"
+TFDS = f"{TFDS_PREFIX}NAME"
+NATURAL_IMAGES = ("mini_imagenet", "folder", *BENCHMARKS, TFDS)
+DATASETS = ("omniglot", *NATURAL_IMAGES)
 DEFAULT_DATASET = "omniglot"
 
 # A setting's value where the run decides it at its start (--mixed_precision=auto).
@@ -41,6 +50,12 @@ NETWORK = "network"  # MamlppNetwork
 BACKBONE = "backbone"  # KerasBackbone, around the model of --backbone
 SCHEDULE = "schedule"  # schedules.Schedule
 OPTIMIZER = "optimizer"  # schedules.meta_optimizer
+
+
+def natural_images(value, **exceptions):
+    """per_dataset values of NATURAL_IMAGES: `value`, as Antoniou et al. (2019) set it for
+    mini-ImageNet, except where a data set's own papers differ (`exceptions`)."""
+    return {dataset: exceptions.get(dataset, value) for dataset in NATURAL_IMAGES}
 
 
 def setting(default=None, *, help_text, architecture=False, constraint=None, per_dataset=None,
@@ -78,8 +93,8 @@ class ExperimentConfig:
         DEFAULT_DATASET, architecture=True, command_line=False,
         help_text=f"Dataset name, one of {', '.join(DATASETS)}; picks the per-dataset defaults.")
     data_dir: str | None = setting(
-        per_dataset=dict(omniglot=os.path.join(SHIPPED_DATA, "omniglot"),
-                         mini_imagenet=os.path.join(SHIPPED_DATA, "mini_imagenet"), folder=None),
+        per_dataset=dict(omniglot=os.path.join(SHIPPED_DATA, "omniglot"), **natural_images(
+            None, mini_imagenet=os.path.join(SHIPPED_DATA, "mini_imagenet"))),
         help_text="Folder of the dataset's files; required for --dataset=folder. Omniglot is "
                   "shipped in its default folder (and fetched by tensorflow-datasets without "
                   "it); mini-ImageNet must be put in its own.")
@@ -92,29 +107,45 @@ class ExperimentConfig:
                        help_text="Classes per task (N).", configures=(NETWORK,))
     shot: int = setting(1, architecture=True, constraint=POSITIVE,
                         help_text="Support images per class (K).")
-    query: int = setting(per_dataset=dict(omniglot=1, mini_imagenet=15, folder=15),
+    # CUB: 16 target images per class, as Chen et al.'s train.py (n_query) takes.
+    query: int = setting(per_dataset=dict(omniglot=1, **natural_images(15, cub=16)),
                          constraint=POSITIVE, help_text="Target images per class.")
-    batch_size: int = setting(per_dataset=dict(omniglot=8, mini_imagenet=2, folder=2),
+    batch_size: int = setting(per_dataset=dict(omniglot=8, **natural_images(2)),
                               architecture=True, constraint=POSITIVE,
                               help_text="Tasks per meta-batch.")
-    image_size: int = setting(per_dataset=dict(omniglot=28, mini_imagenet=84, folder=84),
+    # CIFAR-FS and FC100 keep CIFAR-100's 32x32; CUB is read at 84x84 as by Chen et al.
+    image_size: int = setting(per_dataset=dict(omniglot=28,
+                                               **natural_images(84, cifar_fs=32, fc100=32)),
                               architecture=True, constraint=POSITIVE,
                               help_text="Side of the square images the files are resized to.")
     channels: int | None = setting(
-        per_dataset=dict(omniglot=1, mini_imagenet=3, folder=None), architecture=True,
-        constraint=(1, 3),
-        help_text="1 (grayscale) or 3 (RGB); images are converted to it. Unset on folder: "
-                  "read from the images.")
-    augment: bool = setting(per_dataset=dict(omniglot=True, mini_imagenet=False, folder=False),
+        per_dataset=dict(omniglot=1, **natural_images(3, folder=None, **{TFDS: None})),
+        architecture=True, constraint=(1, 3),
+        help_text="1 (grayscale) or 3 (RGB); images are converted to it. Unset on folder and "
+                  "tfds:NAME: read from the images.")
+    augment: bool = setting(per_dataset=dict(omniglot=True, **natural_images(False)),
                             help_text="Rotate training classes by multiples of 90 degrees, as "
                                       "the paper.")
     split_ratios: str | None = setting(
-        help_text="--dataset=folder with no train/val/test: fractions train,val,test of its "
-                  f"classes (a fixed shuffle). Default {DEFAULT_SPLIT_RATIOS}.")
+        help_text="--dataset=folder with no train/val/test, and tfds:NAME: fractions "
+                  "train,val,test of its classes (a fixed shuffle). Default "
+                  f"{DEFAULT_SPLIT_RATIOS}.")
+    tfds_label: str = setting(
+        DEFAULT_LABEL,
+        help_text="--dataset=tfds:NAME: the class-label feature that gives each image's "
+                  "class, e.g. coarse_label.")
+    tfds_data_dir: str | None = setting(
+        help_text="Where TensorFlow Datasets keeps prepared data sets, for --dataset=cifar_fs, "
+                  "fc100, cub and tfds:NAME. Default: tfds's own (~/tensorflow_datasets, or "
+                  "$TFDS_DATA_DIR).")
+    tfds_download: bool = setting(
+        False, help_text="Let TensorFlow Datasets download and prepare a data set that "
+                         "--tfds_data_dir lacks (needs internet).")
     in_memory_limit_gb: float = setting(
         4.0, constraint=NON_NEGATIVE,
-        help_text="Folder data sets whose decoded images take more GiB than this are read "
-                  "from the on-disk cache as episodes need them instead of held in memory.")
+        help_text="Folder and TensorFlow Datasets data sets whose decoded images take more GiB "
+                  "than this are read from the on-disk cache as episodes need them instead of "
+                  "held in memory.")
     backbone: str | None = setting(
         architecture=True,
         help_text="The network: unset for the built-in 4-stage conv network, or "
@@ -123,13 +154,13 @@ class ExperimentConfig:
                   "standard layers mapping images to logits, meta-trained through "
                   "KerasBackbone (e.g. tf_mamlpp.backbones:resnet12; --filters does not "
                   "apply to it). Default: the built-in network.")
-    filters: int = setting(per_dataset=dict(omniglot=64, mini_imagenet=48, folder=48),
+    filters: int = setting(per_dataset=dict(omniglot=64, **natural_images(48)),
                            architecture=True, constraint=POSITIVE, configures=(NETWORK,),
                            help_text="Filters of each conv stage.")
     num_stages: int = setting(4, architecture=True, constraint=POSITIVE, command_line=False,
                               configures=(NETWORK,),
                               help_text="Conv stages, each of which halves the image.")
-    inner_steps: int = setting(per_dataset=dict(omniglot=5, mini_imagenet=5, folder=5),
+    inner_steps: int = setting(per_dataset=dict(omniglot=5, **natural_images(5)),
                                architecture=True, constraint=POSITIVE,
                                configures=(NETWORK, BACKBONE),
                                help_text="Inner-loop steps in training.")
@@ -137,7 +168,7 @@ class ExperimentConfig:
         constraint=POSITIVE,
         help_text="Inner-loop steps at validation and test; steps past --inner_steps reuse "
                   "the last step's BN banks and rates. Default: --inner_steps.")
-    inner_lr: float = setting(per_dataset=dict(omniglot=0.1, mini_imagenet=0.01, folder=0.01),
+    inner_lr: float = setting(per_dataset=dict(omniglot=0.1, **natural_images(0.01)),
                               configures=(NETWORK, BACKBONE),
                               help_text="Initial inner learning rate (every layer and step).")
     meta_lr: float = setting(1e-3, constraint=POSITIVE, configures=(OPTIMIZER,),
@@ -214,6 +245,13 @@ class ExperimentConfig:
     def image_shape(self):
         return (self.image_size, self.image_size, self.channels)
 
+    @property
+    def tfds_name(self):
+        """The TensorFlow Datasets set this run reads, or None where it reads files."""
+        if self.dataset.startswith(TFDS_PREFIX):
+            return self.dataset.removeprefix(TFDS_PREFIX)
+        return BENCHMARKS[self.dataset].tfds_name if self.dataset in BENCHMARKS else None
+
     def arguments_for(self, target):
         """The settings that configure `target` (NETWORK, ...), as its keyword arguments."""
         return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)
@@ -250,17 +288,18 @@ def resolve(dataset, **overrides):
     """Builds a config from the dataset's paper defaults and explicit values.
 
     Args:
-      dataset: one of DATASETS.
+      dataset: one of DATASETS, TFDS as any `tfds:` name.
       **overrides: field values; None means "the paper's default" (or, for a
         field with no per-dataset default, the field's own).
 
     Raises:
       ConfigError: for an unknown dataset, naming `dataset`.
     """
-    if dataset not in DATASETS:
+    defaults = TFDS if dataset.startswith(TFDS_PREFIX) else dataset
+    if defaults not in DATASETS:
         raise ConfigError(f"dataset={dataset!r} is unknown; choose one of {', '.join(DATASETS)}",
                           "dataset")
-    values = {field.name: field.metadata["per_dataset"][dataset]
+    values = {field.name: field.metadata["per_dataset"][defaults]
               for field in dataclasses.fields(ExperimentConfig)
               if field.metadata["per_dataset"] is not None}
     values.update({name: value for name, value in overrides.items() if value is not None})

@@ -9,6 +9,11 @@ minutes later or leave a run directory that no corrected command can reuse:
   and tasks that ask for more classes than a split has or more images than
   its smallest class holds. Folder data sets are checked on their file index
   (image_folders.py): no image is decoded. Omniglot's splits are known.
+  TensorFlow Datasets sets are checked on tfds's metadata (tfds_source.py):
+  that tfds knows the name, the data set is prepared, and it has 2-D images
+  and the label; their class sizes need a pass over the records' labels,
+  which task_streams.prepare makes with `check_tasks_fit` once TensorFlow
+  has loaded, still before the run directory is written.
 Each raises a one-line ConfigError naming the settings (`way=7`, which main.py
 spells `--way=7`), or a DataError naming the path. Errors that need the pixels
 (a corrupt image) come when the data loads.
@@ -20,9 +25,9 @@ import os
 from absl import logging
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.data import image_folders, omniglot_splits
+from tf_mamlpp.data import benchmark_splits, image_folders, omniglot_splits, tfds_source
 from tf_mamlpp.data.class_images import DataError
-from tf_mamlpp.run.config import NON_NEGATIVE, POSITIVE, value_type
+from tf_mamlpp.run.config import NON_NEGATIVE, POSITIVE, TFDS, TFDS_PREFIX, value_type
 
 
 
@@ -40,6 +45,8 @@ def checked(config):
     if config.dataset == "omniglot":
         _check_omniglot(config)
         return config
+    if config.tfds_name is not None:
+        return _checked_tfds(config)
     splits = image_folders.index_splits(config.data_dir, config.split_ratios,
                                         allow_unsplit=config.dataset == "folder")
     check_tasks_fit(config, splits)
@@ -49,11 +56,16 @@ def checked(config):
             logging.warning("%s has %s train/val/test classes, not mini-ImageNet's 64/16/20.",
                             config.data_dir, "/".join(map(str, counts.values())))
     if config.channels is None:
-        channels = image_folders.detect_channels(splits)
-        logging.info("Images of %s read as %s (--channels=%d).", config.data_dir,
-                     "RGB" if channels == 3 else "grayscale", channels)
-        config = dataclasses.replace(config, channels=channels)
+        config = _with_channels_read(config, image_folders.detect_channels(splits),
+                                     config.data_dir)
     return config
+
+
+def _with_channels_read(config, channels, source):
+    """`config` with the channels read from the images of `source`, as the log says."""
+    logging.info("Images of %s read as %s (--channels=%d).", source,
+                 "RGB" if channels == 3 else "grayscale", channels)
+    return dataclasses.replace(config, channels=channels)
 
 
 def check_settings(config):
@@ -76,12 +88,14 @@ def check_settings(config):
             raise ConfigError(f"{settings} conflicts with dataset=omniglot, whose images are "
                               "28x28 grayscale; leave it out", *conflicts, "dataset")
     if config.split_ratios is not None:
-        if config.dataset != "folder":
+        if config.dataset != "folder" and not config.dataset.startswith(TFDS_PREFIX):
             raise ConfigError(f"split_ratios={config.split_ratios} conflicts with "
                               f"dataset={config.dataset}, which has fixed splits; it applies "
-                              "to dataset=folder only", "split_ratios", "dataset")
+                              f"to dataset=folder and {TFDS} only", "split_ratios", "dataset")
         image_folders.parse_split_ratios(config.split_ratios)
-    if config.data_dir is None:
+    if config.tfds_name is not None:
+        _check_tfds_settings(config)
+    elif config.data_dir is None:
         raise ConfigError(f"dataset={config.dataset} needs data_dir=DIR, a folder with "
                           f"{image_folders.ALL_LAYOUTS}", "dataset", "data_dir")
 
@@ -126,6 +140,38 @@ def check_tasks_fit(config, splits):
                               f"the {counts[smallest]} images of class {files.names[smallest]}, "
                               f"the smallest of the {split} split ({files.source})",
                               "shot", "query")
+
+
+def _check_tfds_settings(config):
+    if not config.tfds_name:
+        raise ConfigError(f"dataset={config.dataset}: name the TensorFlow Datasets set, e.g. "
+                          f"dataset={TFDS_PREFIX}cifar100", "dataset")
+    if config.data_dir is not None:
+        raise ConfigError(f"data_dir={config.data_dir} conflicts with dataset={config.dataset}, "
+                          "which TensorFlow Datasets reads; pass tfds_data_dir=DIR instead",
+                          "data_dir", "dataset", "tfds_data_dir")
+    benchmark = benchmark_splits.BENCHMARKS.get(config.dataset)
+    if benchmark and config.tfds_label != benchmark.tfds_label:
+        raise ConfigError(f"tfds_label={config.tfds_label} conflicts with "
+                          f"dataset={config.dataset}, whose classes are {benchmark.tfds_name}'s "
+                          f"{benchmark.tfds_label}; it applies to {TFDS} only", "tfds_label",
+                          "dataset")
+
+
+def _checked_tfds(config):
+    """`config`, its TensorFlow Datasets set found and checked, `channels` its images' own
+    where it is None; any error names the dataset."""
+    try:
+        source = tfds_source.open_tfds(config.tfds_name, config.tfds_label,
+                                       config.tfds_data_dir, config.tfds_download)
+        if config.dataset in benchmark_splits.BENCHMARKS and source.prepared:
+            benchmark_splits.class_indices(config.dataset, source.label_names)
+    except (ConfigError, DataError) as error:
+        fields = error.fields if isinstance(error, ConfigError) else ()
+        raise ConfigError(f"dataset={config.dataset}: {error}", "dataset", *fields) from error
+    if config.channels is None:
+        config = _with_channels_read(config, source.channels, source.description)
+    return config
 
 
 def _check_omniglot(config):

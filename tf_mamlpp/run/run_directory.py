@@ -8,6 +8,7 @@ bad command never overwrites what an earlier run wrote.
 import contextlib
 import json
 import pathlib
+import re
 import shutil
 
 import tensorflow as tf
@@ -28,8 +29,13 @@ class RunDirectoryError(ValueError):
 
 
 def experiment_name(config):
-    """The default name of a run: dataset, way, shot and seed."""
-    return f"{config.dataset}_{config.way}way_{config.shot}shot_seed{config.seed}"
+    """The default name of a run: dataset, way, shot and seed.
+
+    A `tfds:` name's colon and slashes become underscores: one folder, named
+    as a TensorBoard --logdir_spec (NAME:PATH) can take it.
+    """
+    dataset = re.sub(r"[^\w.-]", "_", config.dataset)
+    return f"{dataset}_{config.way}way_{config.shot}shot_seed{config.seed}"
 
 
 def write_json_atomically(path, value):
