@@ -192,3 +192,11 @@ def test_the_module_loads_no_tensorflow():
     completed = run_python("-c", code)
     assert completed.stdout.strip() == "False", completed.stderr
 
+
+
+def test_no_directory_or_a_file_in_its_place_has_no_owner(tmp_path):
+    """main.py's own errors name a missing run, or a --logdir that is a file."""
+    (tmp_path / "file").write_text("not a folder")
+    for path in (tmp_path / "missing", tmp_path / "file" / "runs" / "run"):
+        assert run_lock.read_owner(path) is None
+        RunLock().check(path)

@@ -84,7 +84,7 @@ def read_owner(run_path):
     """The owner `run_path`'s lock names, a dict; None where there is no lock."""
     try:
         return json.loads((pathlib.Path(run_path) / LOCK).read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no run there (yet)
         return None
     except (OSError, ValueError) as error:
         raise RunLockError(f"{run_path}: its lock {LOCK} cannot be read ({error}); if no "
