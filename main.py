@@ -138,7 +138,7 @@ def run(owner):
     if owner is not None and not (FLAGS.mode == "train" and FLAGS.fresh):
         owner.check(os.path.join(FLAGS.logdir, run_name()))  # a run in use, likewise
     from tf_mamlpp.run.quiet_start import start_tensorflow
-    tf, gpus = start_tensorflow()
+    tf, gpus = start_tensorflow(show_notes=FLAGS.verbosity >= 1)
     from tf_mamlpp.run import task_streams
     from tf_mamlpp.hardware import cpu_threads
     from tf_mamlpp.run.distribution import make_strategy

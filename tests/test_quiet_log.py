@@ -63,3 +63,16 @@ def test_the_real_libraries_log_from_outside_the_project():
     """TensorFlow's notes are logged through absl from TensorFlow's own files."""
     from tensorflow.python.checkpoint import functional_saver
     assert not os.path.abspath(functional_saver.__file__).startswith(quiet_log.PROJECT_FILES)
+
+
+@pytest.mark.slow
+def test_verbosity_1_shows_tensorflow_s_start_up_notes_too():
+    """Whatever notes this machine's TensorFlow writes as it loads, only --verbosity=1 shows them."""
+    from conftest import run_python
+    script = ("import sys; from tf_mamlpp.run.quiet_start import start_tensorflow; "
+              "start_tensorflow(show_notes=sys.argv[1] == 'show')")
+    shown, hidden = (run_python("-c", script, choice) for choice in ("show", "hide"))
+    assert shown.returncode == hidden.returncode == 0, shown.stderr + hidden.stderr
+    assert hidden.stderr == ""
+    if not shown.stderr:
+        pytest.skip("this machine's TensorFlow writes no notes as it loads")
