@@ -3,7 +3,9 @@
 A process killed in the middle of a write leaves the write's temporary file
 or folder, or a checkpoint written but not yet listed, or one listed for
 deletion but not deleted; each would stay forever. The crash soak
-(tools/crash_soak.py) found them; here each is made by hand.
+(tools/crash_soak.py) compares the files of killed runs with an uninterrupted
+one's (without this removal, kills in the export left its staging folder);
+here each kind is made by hand.
 """
 
 import json
