@@ -1,4 +1,4 @@
-"""Specification of tf_mamlpp.run.cluster_role: the chief, who holds a run's lock, from TF_CONFIG."""
+"""Specification of tf_mamlpp.run.cluster_role: the chief, who holds the lock, by TF_CONFIG."""
 
 import json
 

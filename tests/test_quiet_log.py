@@ -67,7 +67,7 @@ def test_the_real_libraries_log_from_outside_the_project():
 
 @pytest.mark.slow
 def test_verbosity_1_shows_tensorflow_s_start_up_notes_too():
-    """Whatever notes this machine's TensorFlow writes as it loads, only --verbosity=1 shows them."""
+    """Whatever notes this machine's TensorFlow writes as it loads, --verbosity=1 alone shows."""
     from conftest import run_python
     script = ("import sys; from tf_mamlpp.run.quiet_start import start_tensorflow; "
               "start_tensorflow(show_notes=sys.argv[1] == 'show')")
