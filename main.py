@@ -82,19 +82,38 @@ def adapt():
         print(f"{path.name}\t{class_name}\t{probability:.3f}")
 
 
-def open_run(parallel_tasks):
-    """The run directory and configuration this command works on."""
+def run_name():
+    from tf_mamlpp.run.run_lock import experiment_name
+    return FLAGS.experiment or experiment_name(resolved_config())
+
+
+def run_owner():
+    """The lock this command holds on its run directory (run_lock.py), or None.
+
+    Adapting reads an export and changes no run; under --strategy=multi_worker
+    only the chief writes the run, so only the chief holds it.
+    """
+    from tf_mamlpp.run import cluster_role, run_lock
+    if FLAGS.mode == "adapt" or (FLAGS.strategy == "multi_worker"
+                                 and not cluster_role.chief_by_tf_config()):
+        return None
+    return run_lock.RunLock()
+
+
+def open_run(parallel_tasks, owner):
+    """The run directory and configuration this command works on, owned by `owner`."""
     from tf_mamlpp.run import precision, run_directory
     config = resolved_config()
-    name = FLAGS.experiment or run_directory.experiment_name(config)
+    name = run_name()
     if FLAGS.mode == "train":
         previous = None if FLAGS.fresh else run_directory.saved_config(
             os.path.join(FLAGS.logdir, name))
         config = precision.settled(config, previous, parallel_tasks)
-        run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh)
+        run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh,
+                                                  owner=owner)
         return run_dir, config
     # Testing and exporting use the configuration the run was trained with.
-    run_dir = run_directory.RunDirectory.existing(FLAGS.logdir, name)
+    run_dir = run_directory.RunDirectory.existing(FLAGS.logdir, name, owner=owner)
     return run_dir, run_dir.config
 
 
@@ -115,11 +134,13 @@ def train(trainer):
         fail(error)
 
 
-def run():
+def run(owner):
     if FLAGS.mode == "train":
         resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
+    if owner is not None and not (FLAGS.mode == "train" and FLAGS.fresh):
+        owner.check(os.path.join(FLAGS.logdir, run_name()))  # a run in use, likewise
     from tf_mamlpp.run.quiet_start import start_tensorflow
-    tf, gpus = start_tensorflow()
+    tf, gpus = start_tensorflow(show_notes=FLAGS.verbosity >= 1)
     from tf_mamlpp.hardware import cpu_threads
     from tf_mamlpp.run import task_streams
     from tf_mamlpp.run.builders import backbone_model
@@ -140,7 +161,7 @@ def run():
         if resolved_config().backbone is not None:
             backbone_model(resolved_config())
         task_streams.prepare(resolved_config())  # decodes the data
-    run_dir, config = open_run(parallel_tasks)
+    run_dir, config = open_run(parallel_tasks, owner)
     if not gpus:
         logging.info("No GPU found: running on the CPU.")
     logging.info("Run directory %s; configuration:\n%s", run_dir.path, config.to_json())
@@ -177,10 +198,16 @@ def fail(error):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from tf_mamlpp.run.quiet_log import hide_library_notes
+    hide_library_notes(FLAGS.verbosity)
+    owner = run_owner()
     try:
-        run()
+        run(owner)
     except (ValueError, OSError) as error:
         fail(error)
+    finally:
+        if owner is not None:
+            owner.release()
 
 
 def parse_flags(argv):

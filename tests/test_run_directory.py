@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from tf_mamlpp.run.config import ExperimentConfig, resolve
-from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError, experiment_name
+from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError
 
 
 @pytest.fixture
@@ -35,10 +35,6 @@ def run_epoch(run, checkpoint, history, epoch, val_accuracy):
     run.save_trained_epoch(checkpoint, epoch * ITERATIONS_PER_EPOCH, {"epoch": epoch})
     history.append({"epoch": epoch, "val_accuracy": val_accuracy})
     run.save_epoch(checkpoint, history)
-
-
-def test_experiment_name(config):
-    assert experiment_name(dataclasses.replace(config, seed=4)) == "omniglot_5way_1shot_seed4"
 
 
 def test_open_creates_the_directory_and_its_config(tmp_path, config):

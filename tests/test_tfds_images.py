@@ -26,7 +26,7 @@ from tf_mamlpp.data.class_images import ClassImages, DataError
 from tf_mamlpp.data.image_folders import split_by_ratios
 from tf_mamlpp.data.mapped_class_images import MappedClassImages
 from tf_mamlpp.data.tfds_source import open_tfds
-from tf_mamlpp.run import preflight, run_directory, task_streams
+from tf_mamlpp.run import preflight, run_lock, task_streams
 from tf_mamlpp.run.config import resolve
 from tf_mamlpp.serving import saved_model
 
@@ -227,7 +227,7 @@ def test_settings_that_conflict_with_a_tfds_set_are_named(dataset, settings, mes
 
 def test_a_tfds_run_is_named_by_one_folder():
     config = resolve("tfds:cifar10_corrupted/fog_1:1.0.0", way=20)
-    assert run_directory.experiment_name(config) == (
+    assert run_lock.experiment_name(config) == (
         "tfds_cifar10_corrupted_fog_1_1.0.0_20way_1shot_seed0")
 
 

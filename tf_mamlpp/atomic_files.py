@@ -11,6 +11,9 @@ import os
 import pathlib
 import tempfile
 
+# The temporary file of `path`: ".<name>.<random>.tmp" beside it.
+_SUFFIX = ".tmp"
+
 
 def write_atomically(path, write):
     """Writes `path` through `write(file)`, which fills a binary file object.
@@ -32,7 +35,7 @@ def write_atomically(path, write):
       whatever `write` raises.
     """
     path = pathlib.Path(path)
-    file = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp",
+    file = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=_SUFFIX,
                                        delete=False)
     try:
         with file:
@@ -45,6 +48,15 @@ def write_atomically(path, write):
         with contextlib.suppress(OSError):  # the first error is the one to report
             os.unlink(file.name)
         raise
+
+
+def leftover_temporary_files(folder):
+    """The temporary files in `folder` of writes that never finished: a process was killed.
+
+    Only whoever owns the folder may remove them (a run directory's lock): in
+    a shared one, such a file may be a live process's write in progress.
+    """
+    return [path for path in pathlib.Path(folder).glob(f".*{_SUFFIX}") if path.is_file()]
 
 
 def _umask():

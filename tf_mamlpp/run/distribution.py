@@ -11,10 +11,11 @@ tasks per meta-iteration; each replica takes batch_size / replicas of them.
                              environment variable (MultiWorkerMirroredStrategy)
 """
 
-import json
 import os
 
 import tensorflow as tf
+
+from tf_mamlpp.run.cluster_role import chief_by_tf_config
 
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
@@ -39,13 +40,8 @@ def make_strategy(name):
 
 def is_chief(strategy):
     """Whether this process writes checkpoints, logs and results (the chief worker)."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return True
-    tf_config = json.loads(os.environ["TF_CONFIG"])
-    task = tf_config.get("task", {})
-    if "chief" in tf_config.get("cluster", {}):
-        return task.get("type") == "chief"
-    return task.get("type") == "worker" and task.get("index", 0) == 0
+    return (not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            or chief_by_tf_config())
 
 
 def check_batch_size(batch_size, strategy):

@@ -43,8 +43,8 @@ def native_start_up_notes_hidden():
             sys.stderr.flush()
 
 
-def start_tensorflow():
-    """Imports TensorFlow and finds its devices, quietly.
+def start_tensorflow(show_notes=False):
+    """Imports TensorFlow and finds its devices, quietly unless `show_notes` (--verbosity=1).
 
     TensorFlow's own Python logger is set to warnings: at INFO it reports
     each checkpoint's sharding time among the project's lines.
@@ -52,7 +52,7 @@ def start_tensorflow():
     Returns:
       (tensorflow module, list of GPU devices).
     """
-    with native_start_up_notes_hidden():
+    with contextlib.nullcontext() if show_notes else native_start_up_notes_hidden():
         import tensorflow as tf
         gpus = tf.config.list_physical_devices("GPU")
     tf.get_logger().setLevel("WARNING")

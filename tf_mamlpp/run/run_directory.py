@@ -6,6 +6,7 @@ bad command never overwrites what an earlier run wrote.
 """
 
 import contextlib
+import itertools
 import json
 import pathlib
 import re
@@ -13,29 +14,23 @@ import shutil
 
 import tensorflow as tf
 
-from tf_mamlpp.atomic_files import write_atomically
+from tf_mamlpp.atomic_files import leftover_temporary_files, write_atomically
 from tf_mamlpp.error_text import tensorflow_error_text
 from tf_mamlpp.run.config import ExperimentConfig
+from tf_mamlpp.serving import saved_model
 
 CONFIG = "config.json"
 HISTORY = "history.json"
 BEST = "best.json"
 PARTIAL_EPOCH = "partial_epoch.json"
 UNVALIDATED_EPOCH = "unvalidated_epoch.json"
+# Latest checkpoints kept (the newest is resumed from; the one before stays
+# while the newest is written).
+LATEST_KEPT = 2
 
 
 class RunDirectoryError(ValueError):
     """The run directory cannot be used for this command."""
-
-
-def experiment_name(config):
-    """The default name of a run: dataset, way, shot and seed.
-
-    A `tfds:` name's colon and slashes become underscores: one folder, named
-    as a TensorBoard --logdir_spec (NAME:PATH) can take it.
-    """
-    dataset = re.sub(r"[^\w.-]", "_", config.dataset)
-    return f"{dataset}_{config.way}way_{config.shot}shot_seed{config.seed}"
 
 
 def write_json_atomically(path, value):
@@ -71,7 +66,7 @@ class RunDirectory:
         self.keep_best = self.config.ensemble_top_k
 
     @classmethod
-    def open(cls, logdir, name, config, fresh=False):
+    def open(cls, logdir, name, config, fresh=False, owner=None):
         """Creates the run directory for `config`, or reopens it to resume.
 
         Args:
@@ -79,20 +74,19 @@ class RunDirectory:
           name: the run's directory name.
           config: the resolved configuration of this command.
           fresh: start over in a new directory (name_2, name_3, ...) when one
-            exists; the old one is never touched.
+            exists; the old one is never touched, and two commands started
+            together get two directories.
+          owner: a `run_lock.RunLock` that takes the directory before anything
+            is written in it (see `_own`).
 
         Raises:
           RunDirectoryError: the existing run was made with another network or
             task, naming the differing flags (nothing is written), or the
             directory cannot be written.
+          run_lock.RunLockError: a live process owns the directory.
         """
         path = pathlib.Path(logdir) / name
-        if fresh:
-            suffix = 2
-            while path.exists():
-                path = pathlib.Path(logdir) / f"{name}_{suffix}"
-                suffix += 1
-        previous = saved_config(path)
+        previous = None if fresh else saved_config(path)
         if previous is not None:
             differences = config.architecture_differences(previous)
             if differences:
@@ -103,7 +97,11 @@ class RunDirectory:
                     f"{path} holds a run with other settings: {flags}; pass --fresh to start "
                     f"a new run, or --experiment=NAME for another directory")
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            if fresh:
+                path = _new_directory(path)
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+            _own(path, owner)
             write_json_atomically(path / CONFIG, json.loads(config.to_json()))
         except OSError as error:
             raise RunDirectoryError(f"{path}: cannot write the run directory "
@@ -111,21 +109,26 @@ class RunDirectory:
         return cls(path)
 
     @classmethod
-    def existing(cls, logdir, name):
+    def existing(cls, logdir, name, owner=None):
         """Reopens a run to test or export it, with the configuration it was trained with.
+
+        Args:
+          owner: as `open`'s.
 
         Raises:
           RunDirectoryError: there is no run at logdir/name.
+          run_lock.RunLockError: a live process owns the directory.
         """
         path = pathlib.Path(logdir) / name
         if not (path / CONFIG).exists():
             raise RunDirectoryError(f"{path}: no run there (no {CONFIG}); check --logdir and "
                                     "--experiment")
+        _own(path, owner)
         return cls(path)
 
     def _manager(self, checkpoint):
         return tf.train.CheckpointManager(checkpoint, self.path / "checkpoints" / "latest",
-                                          max_to_keep=2)
+                                          max_to_keep=LATEST_KEPT)
 
     def restore_latest(self, checkpoint):
         """Restores the newest checkpoint into `checkpoint`; returns whether there was one.
@@ -267,6 +270,78 @@ class RunDirectory:
 
     def write_json(self, name, value):
         write_json_atomically(self.path / name, value)
+
+
+def _new_directory(path):
+    """Creates the first of `path`, path_2, path_3, ... that does not exist, and returns it.
+
+    Creating is claiming: of two commands that look for a new name at once,
+    each gets its own directory.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    numbered = (path.parent / f"{path.name}_{suffix}" for suffix in itertools.count(2))
+    for candidate in itertools.chain([path], numbered):
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+
+
+def _own(path, owner):
+    """Takes `path` for `owner`, then removes what commands killed in it left half-written.
+
+    Only the directory's owner may remove those: in a directory no one owns,
+    a temporary file may be one that a live process is writing.
+    """
+    if owner is None:
+        return
+    owner.acquire(path)
+    _remove_debris(path)
+
+
+def _remove_debris(path):
+    """Removes the files of writes a kill cut short, which no run would ever read or remove.
+
+    Every write in a run directory is whole or not at all, through a temporary
+    file or folder: write_atomically's files, the export's staging folder,
+    TensorFlow's `<prefix>_temp/` and checkpoint list drafts, and checkpoints
+    written in full but not yet listed (in `best.json`, or in the latest
+    checkpoints' list, which TensorFlow updates before it deletes the oldest).
+    A run resumes correctly beside them, but they would stay forever.
+    """
+    for temporary in leftover_temporary_files(path):
+        temporary.unlink()
+    for staging in path.glob(f"{saved_model.STAGING_PREFIX}*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    latest = path / "checkpoints" / "latest"
+    state = tf.train.get_checkpoint_state(latest) if latest.is_dir() else None
+    listed = [pathlib.Path(prefix).name for prefix in state.all_model_checkpoint_paths
+              ] if state else []
+    if len(listed) > LATEST_KEPT:
+        tf.compat.v1.train.update_checkpoint_state(
+            str(latest), pathlib.Path(state.model_checkpoint_path).name,
+            all_model_checkpoint_paths=listed[-LATEST_KEPT:],
+            all_model_checkpoint_timestamps=state.all_model_checkpoint_timestamps[-LATEST_KEPT:],
+            last_preserved_timestamp=state.last_preserved_timestamp)
+    _keep_only(latest, listed[-LATEST_KEPT:], "checkpoint")
+    best = path / BEST
+    kept = json.loads(best.read_text()) if best.exists() else []
+    _keep_only(path / "checkpoints" / "best", [pathlib.Path(entry[2]).name for entry in kept])
+
+
+def _keep_only(folder, prefixes, *names):
+    """Removes everything in `folder` but the checkpoints `prefixes` and the files `names`."""
+    if not folder.is_dir():
+        return
+    kept = re.compile("|".join([*(re.escape(prefix) + r"\.(index|data-\d{5}-of-\d{5})"
+                                  for prefix in prefixes), *map(re.escape, names)]) or "$^")
+    for entry in folder.iterdir():
+        if not kept.fullmatch(entry.name):
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink()
 
 
 def _restore(checkpoint, prefix, remedy, partial=False):

@@ -45,6 +45,8 @@ from tf_mamlpp.ops import plain_tensorflow
 
 # The first is also `serving_default`, the one TensorFlow Serving needs.
 SIGNATURES = ("adapt_and_predict", "adapt_and_predict_files", "embed")
+# The folder beside the export that it is written in before it is moved into place.
+STAGING_PREFIX = ".export-"
 
 
 class ExportError(ValueError):
@@ -173,7 +175,7 @@ def export(network, num_steps, export_dir, rounded_to_uint8=False):
         raise ExportError(f"--export_dir {export_dir} is not empty; choose a new folder "
                           "(an earlier export is never overwritten)")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=".export-", dir=export_dir.parent))
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=export_dir.parent))
     try:
         with plain_tensorflow():
             archive = keras.export.ExportArchive()
