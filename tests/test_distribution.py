@@ -22,17 +22,17 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from benchmarks.random_tasks import random_batch
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.network import MamlppNetwork
     from tf_mamlpp.core.schedules import Phase
+    from tf_mamlpp.data.random_tasks import random_tasks
 
     def one_step(strategy):
         keras.utils.set_random_seed(0)
         with strategy.scope():
             network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
             learner = MetaLearner(network, keras.optimizers.Adam(1e-2), strategy=strategy)
-        batch = random_batch(3, 1, 2, 4, image_shape=(8, 8, 1))
+        batch = random_tasks(4, 3, 1, 2, image_shape=(8, 8, 1))
         figures = learner.meta_update(batch, Phase(tf.constant([0.5, 0.5]), True, True))
         # Keyed by position: a second network's variables get a new name prefix.
         return ({f"{i}:{v.name}": np.asarray(v.numpy()).tolist()
