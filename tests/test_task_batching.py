@@ -16,29 +16,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_python
+from conftest import (lacks_grouped_convolution_gradients, needs_grouped_convolution_gradients,
+                      run_python)
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.core.network import MamlppNetwork
 from tf_mamlpp.core.schedules import Phase
-from tf_mamlpp.hardware.devices import grouped_convolution_gradients
+from tf_mamlpp.data.random_tasks import random_tasks
 
 
-def random_tasks(num_tasks, way, shot, query, size, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def labels(per_class):
-        return tf.constant([rng.permutation(np.repeat(np.arange(way), per_class))
-                            for _ in range(num_tasks)], tf.int32)
-
-    def images(per_class):
-        return tf.constant(rng.random((num_tasks, way * per_class, size, size, 1), np.float32))
-
-    return {"support_images": images(shot), "support_labels": labels(shot),
-            "target_images": images(query), "target_labels": labels(query)}
-
-
-def assert_folding_is_refused(second_order, tasks, jit_compile=False):
-    """Where grouped convolutions have no gradients, `fold_tasks` is refused up front."""
+@lacks_grouped_convolution_gradients()
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["plain", "compiled"])
+@pytest.mark.parametrize("second_order", [False, True])
+def test_where_grouped_convolutions_have_no_gradients_folding_is_refused_up_front(
+        second_order, jit_compile):
+    """Whether or not the step would be compiled."""
     # The refusal is justified: a grouped convolution's gradient really fails here.
     images = tf.random.uniform((1, 4, 4, 2))
     with pytest.raises(tf.errors.InvalidArgumentError):
@@ -47,7 +38,12 @@ def assert_folding_is_refused(second_order, tasks, jit_compile=False):
             loss = tf.reduce_sum(tf.nn.conv2d(images, tf.ones((3, 3, 1, 2)), 1, "SAME"))
         tape.gradient(loss, images).numpy()
     with pytest.raises(ValueError, match="fold_tasks=True"):
-        one_step(True, second_order, tasks, jit_compile=jit_compile)
+        one_step(True, second_order, three_tasks(), jit_compile=jit_compile)
+
+
+def three_tasks(seed=0):
+    """A meta-batch of 3 random 3-way tasks of 8x8 images, 2 support and 2 target a class."""
+    return random_tasks(3, 3, 2, 2, (8, 8, 1), seed=seed)
 
 
 def one_step(fold_tasks, second_order, tasks, parallel_tasks=1, jit_compile=False):
@@ -60,15 +56,13 @@ def one_step(fold_tasks, second_order, tasks, parallel_tasks=1, jit_compile=Fals
             {name: float(value) for name, value in figures.items()})
 
 
+@needs_grouped_convolution_gradients()
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.slow
 def test_folded_tasks_give_the_plain_step(second_order):
-    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8)
+    tasks = three_tasks()
     plain_variables, plain_figures = one_step(False, second_order, tasks)
     assert plain_figures["update_norm"] > 0
-    if not grouped_convolution_gradients():
-        assert_folding_is_refused(second_order, tasks)
-        return
     folded_variables, folded_figures = one_step(True, second_order, tasks)
     assert plain_figures.keys() == folded_figures.keys()
     for name, value in plain_figures.items():
@@ -80,7 +74,7 @@ def test_folded_tasks_give_the_plain_step(second_order):
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.slow
 def test_parallel_tasks_give_the_plain_step(second_order):
-    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8, seed=1)
+    tasks = three_tasks(seed=1)
     plain_variables, plain_figures = one_step(False, second_order, tasks)
     parallel_variables, parallel_figures = one_step(False, second_order, tasks, parallel_tasks=3)
     assert parallel_figures == pytest.approx(plain_figures, rel=1e-6, abs=1e-7)
@@ -91,25 +85,22 @@ def test_parallel_tasks_give_the_plain_step(second_order):
 
 @pytest.mark.slow
 def test_parallel_tasks_reach_the_task_loop():
-    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8)
+    tasks = three_tasks()
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-2), parallel_tasks=3)
-    graph = learner._replica_train_step.get_concrete_function(
-        tasks, tf.constant([0.3, 0.7]), False, True).graph
+    graph = learner._compiled_replica_step.get_concrete_function(
+        tasks, Phase(tf.constant([0.3, 0.7]), False, True)).graph
     loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
     assert [op.get_attr("parallel_iterations") for op in loops] == [3]
 
 
-@pytest.mark.parametrize("fold_tasks", [False, True], ids=["task by task", "folded"])
+@pytest.mark.parametrize("fold_tasks", [
+    pytest.param(False, id="task by task"),
+    pytest.param(True, id="folded", marks=needs_grouped_convolution_gradients())])
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.slow
 def test_the_xla_compiled_step_gives_the_plain_step(second_order, fold_tasks):
-    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8, seed=2)
-    if fold_tasks and not grouped_convolution_gradients():
-        # Refused whether or not the step would be compiled.
-        assert_folding_is_refused(second_order, tasks, jit_compile=True)
-        assert_folding_is_refused(second_order, tasks, jit_compile=False)
-        return
+    tasks = three_tasks(seed=2)
     plain_variables, plain_figures = one_step(fold_tasks, second_order, tasks)
     compiled_variables, compiled_figures = one_step(fold_tasks, second_order, tasks,
                                                     jit_compile=True)
