@@ -146,7 +146,7 @@ def adapting_model(trained):
     best_prefix = trained.run_dir.best_checkpoints()[0][2]
     tf.train.Checkpoint(network=network).read(
         trained.run_dir.checkpoint_path(best_prefix)).expect_partial()
-    return export.AdaptingModel(network, trained.config.eval_inner_steps)
+    return saved_model.AdaptingModel(network, trained.config.eval_inner_steps)
 
 
 def drawings(class_name):
@@ -332,7 +332,7 @@ def test_decode_image_is_omniglots_decoding(episode):
     files = json.loads((folder / "files.json").read_text())
     for path, image in zip(files["support"] + files["query"],
                            np.concatenate([episode["support_images"], episode["query_images"]])):
-        decoded = export.decode_image(pathlib.Path(path).read_bytes(), (28, 28, 1))
+        decoded = saved_model.decode_image(pathlib.Path(path).read_bytes(), (28, 28, 1))
         np.testing.assert_array_equal(decoded.numpy(), image)
 
 
@@ -348,7 +348,7 @@ def test_decode_image_rounded_is_the_image_folders_decoding(channels, tmp_path):
     paths = [path for class_files in files.files for path in class_files]
     assert len(paths) == len(cached.images) == 8
     for path, image in zip(paths, cached.images):
-        decoded = export.decode_image(path.read_bytes(), (16, 16, channels),
+        decoded = saved_model.decode_image(path.read_bytes(), (16, 16, channels),
                                       rounded_to_uint8=True)
         np.testing.assert_array_equal(decoded.numpy(), image.astype(np.float32) / 255.0)
 
@@ -459,7 +459,7 @@ def test_export_into_a_non_empty_folder_is_refused_and_keeps_its_files(adapting_
     target.mkdir()
     (target / "saved_model.pb").write_bytes(b"an earlier export")
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(export.ExportError, match="not empty"):
+    with pytest.raises(saved_model.ExportError, match="not empty"):
         saved_model.export(adapting_model.network, INNER_STEPS, target)
     assert sorted(path.name for path in target.iterdir()) == ["notes.txt", "saved_model.pb"]
     assert (target / "saved_model.pb").read_bytes() == b"an earlier export"

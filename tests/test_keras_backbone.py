@@ -143,7 +143,7 @@ def small_user_backbone(way):
 def validation_accuracy(learner, images, spec):
     tasks = tf_mamlpp.episode_dataset(images, spec, 10, seed=1, num_tasks=200)
     accuracies = np.concatenate([
-        learner.evaluate_batch(batch, learner.eval_inner_steps, backbone.bn_mode)["accuracies"]
+        learner.evaluate_batch(batch, learner.eval_inner_steps, learner.network.bn_mode)["accuracies"]
         [:, -1] for batch in tasks])
     return tf_mamlpp.mean_and_interval(accuracies)
 
