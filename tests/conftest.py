@@ -11,15 +11,18 @@ convolutions, which TensorFlow differentiates on few CPUs (test_inner_loop.py).
 Tests that run main.py, a benchmark or any other program import `run_main`,
 `MainProcess`, `run_python` or `run_command` from here (`from conftest import
 ...`): each starts it from the repository as a user would, with a bounded wait.
-Tests that start one are marked `slow`.
+Tests that start one are marked `slow`. Tests that need a finished run and
+nothing particular about it share one, `tiny_run`, trained once a session.
 """
 
 import functools
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -108,6 +111,43 @@ class MainProcess:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             raise
+
+
+# The session's tiny run (`tiny_run`): 3-way 1-shot Omniglot on an 8-filter
+# network, 2 inner steps in training and 5 in evaluation (steps past the
+# second reuse its rates and banks), 3 epochs of 8 meta-iterations with every
+# schedule changing within them: MSL over the first 2 epochs, first order for
+# 1 epoch then second order (DA), a cosine-annealed meta-learning rate (CA).
+TINY_RUN = dict(way=3, shot=1, inner_steps=2, eval_inner_steps=5, filters=8, batch_size=2,
+                iters_per_epoch=8, epochs=3, msl_epochs=2, first_order_epochs=1,
+                second_order=True, val_tasks=4, test_tasks=4, meta_lr=1e-3, min_meta_lr=1e-5,
+                inner_lr=0.1)
+
+
+class FinishedRun(NamedTuple):
+    """A run of main.py trained to its end: its run directory and the process."""
+
+    path: pathlib.Path
+    process: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """TINY_RUN trained once for the session through main.py, exported to its run/export.
+
+    Shared: the tests that read it look, no more. A test that changes the
+    run, or runs main.py on it, takes a copy (`copy_run`).
+    """
+    logdir = tmp_path_factory.mktemp("tiny_run")
+    completed = run_main(f"--logdir={logdir}", "--experiment=run",
+                         *(f"--{name}={value}" for name, value in TINY_RUN.items()))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return FinishedRun(logdir / "run", completed)
+
+
+def copy_run(run_dir, folder):
+    """A copy of the run directory `run_dir` in `folder`, of the same name: its path."""
+    return pathlib.Path(shutil.copytree(run_dir, folder / run_dir.name))
 
 
 def slow_tests_selected(request):
