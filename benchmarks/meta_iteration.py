@@ -24,7 +24,7 @@ from absl import app, flags
 
 from benchmarks.measurement import peak_gb, run_json_child, time_step
 from benchmarks.random_tasks import (BATCH_SIZE, CONFIGS, INNER_STEPS, QUERY, QUOTED_REFERENCE,
-                                     config_names, random_batch)
+                                     config_names)
 from benchmarks.reference_maml import check_checkout, measure as measure_reference
 from tf_mamlpp.core.batch_norm_modes import BN_MODES
 from tf_mamlpp.hardware.machine import cpu_description
@@ -77,6 +77,7 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.mixed_precision import DynamicLossScale, compute_dtype
     from tf_mamlpp.core.schedules import Phase
+    from tf_mamlpp.data.random_tasks import random_tasks
     from tf_mamlpp.hardware import cpu_threads
 
     parallel_tasks = cpu_threads.default_parallel_tasks() if variant == "parallel" else 1
@@ -89,14 +90,14 @@ def measure(name, variant, iterations, jit_compile, mixed_precision, inner_steps
                           parallel_tasks=parallel_tasks,
                           loss_scale=(DynamicLossScale(compute_dtype=compute_dtype())
                                       if mixed_precision else None))
-    batch = random_batch(way, shot, QUERY, batch_size)
+    batch = random_tasks(batch_size, way, shot, QUERY)
     weights = tf.constant(np.full(inner_steps, 1 / inner_steps, np.float32))
     phase = Phase(weights, multi_step=True, second_order=second_order)
     first_call, seconds = time_step(
         lambda: float(learner.meta_update(batch, phase)["loss"]), iterations)
     # The step is one task's graph run batch_size times (map_fn), or the same
     # arithmetic folded; count one task's graph and scale it.
-    one_task = random_batch(way, shot, QUERY, 1)
+    one_task = random_tasks(1, way, shot, QUERY)
     task_graph = tf.function(learner._tasks_step).get_concrete_function(one_task, phase).graph
     flops = graph_flops(task_graph) * batch_size
     return {"seconds": seconds, "first_call": first_call, "peak_gb": peak_gb(),

@@ -87,10 +87,11 @@ def profile(way, shot, second_order, iterations):
     import keras
     import numpy as np
     import tensorflow as tf
-    from benchmarks.random_tasks import BATCH_SIZE, INNER_STEPS, QUERY, random_batch
+    from benchmarks.random_tasks import BATCH_SIZE, INNER_STEPS, QUERY
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.network import MamlppNetwork
     from tf_mamlpp.core.schedules import Phase
+    from tf_mamlpp.data.random_tasks import random_tasks
     from tf_mamlpp.hardware import cpu_threads
 
     parallel_tasks = cpu_threads.default_parallel_tasks()
@@ -98,7 +99,7 @@ def profile(way, shot, second_order, iterations):
     network = MamlppNetwork(way, (28, 28, 1), INNER_STEPS)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-3),
                           parallel_tasks=parallel_tasks)
-    batch = random_batch(way, shot, QUERY, BATCH_SIZE)
+    batch = random_tasks(BATCH_SIZE, way, shot, QUERY)
     phase = Phase(tf.constant(np.full(INNER_STEPS, 1 / INNER_STEPS, np.float32)),
                   multi_step=True, second_order=second_order)
     step = lambda: float(learner.meta_update(batch, phase)["loss"])

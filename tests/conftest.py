@@ -11,14 +11,18 @@ convolutions, which TensorFlow differentiates on few CPUs (test_inner_loop.py).
 Tests that run main.py, a benchmark or any other program import `run_main`,
 `MainProcess`, `run_python` or `run_command` from here (`from conftest import
 ...`): each starts it from the repository as a user would, with a bounded wait.
-Tests that start one are marked `slow`.
+Tests that start one are marked `slow`. Tests that need a finished run and
+nothing particular about it share one, `tiny_run`, trained once a session.
 """
 
+import functools
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -26,9 +30,13 @@ import pytest
 from tf_mamlpp.hardware.onednn import prefer_onednn
 
 prefer_onednn()  # before TensorFlow loads, so that the tests run main.py's kernels
+import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from tf_mamlpp.core.batch_norm_modes import TRANSDUCTIVE  # noqa: E402
+from tf_mamlpp.core.network import MamlppNetwork  # noqa: E402
+from tf_mamlpp.data.random_tasks import random_tasks  # noqa: E402
+from tf_mamlpp.hardware.devices import grouped_convolution_gradients  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAIN = REPO / "main.py"
@@ -105,6 +113,43 @@ class MainProcess:
             raise
 
 
+# The session's tiny run (`tiny_run`): 3-way 1-shot Omniglot on an 8-filter
+# network, 2 inner steps in training and 5 in evaluation (steps past the
+# second reuse its rates and banks), 3 epochs of 8 meta-iterations with every
+# schedule changing within them: MSL over the first 2 epochs, first order for
+# 1 epoch then second order (DA), a cosine-annealed meta-learning rate (CA).
+TINY_RUN = dict(way=3, shot=1, inner_steps=2, eval_inner_steps=5, filters=8, batch_size=2,
+                iters_per_epoch=8, epochs=3, msl_epochs=2, first_order_epochs=1,
+                second_order=True, val_tasks=4, test_tasks=4, meta_lr=1e-3, min_meta_lr=1e-5,
+                inner_lr=0.1)
+
+
+class FinishedRun(NamedTuple):
+    """A run of main.py trained to its end: its run directory and the process."""
+
+    path: pathlib.Path
+    process: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """TINY_RUN trained once for the session through main.py, exported to its run/export.
+
+    Shared: the tests that read it look, no more. A test that changes the
+    run, or runs main.py on it, takes a copy (`copy_run`).
+    """
+    logdir = tmp_path_factory.mktemp("tiny_run")
+    completed = run_main(f"--logdir={logdir}", "--experiment=run",
+                         *(f"--{name}={value}" for name, value in TINY_RUN.items()))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return FinishedRun(logdir / "run", completed)
+
+
+def copy_run(run_dir, folder):
+    """A copy of the run directory `run_dir` in `folder`, of the same name: its path."""
+    return pathlib.Path(shutil.copytree(run_dir, folder / run_dir.name))
+
+
 def slow_tests_selected(request):
     """Whether a slow test of the requesting fixture's module is selected to run.
 
@@ -115,32 +160,98 @@ def slow_tests_selected(request):
                for item in request.session.items)
 
 
+def needs_grouped_convolution_gradients(dtype=tf.float32):
+    """Marks a test of folded tasks: skipped, saying why, where they cannot run.
+
+    Folding a meta-batch's tasks into grouped convolutions needs their
+    gradients in `dtype`, which TensorFlow has on few CPUs; there the
+    refusal is tested instead (`lacks_grouped_convolution_gradients`).
+    """
+    return pytest.mark.skipif(
+        not grouped_convolution_gradients(dtype),
+        reason=f"TensorFlow cannot differentiate grouped convolutions in {dtype.name} on this "
+               "device: folded tasks are refused here, so their results go untested")
+
+
+def lacks_grouped_convolution_gradients(dtype=tf.float32):
+    """Marks a test of the refusal to fold tasks: skipped, saying why, where folding works."""
+    return pytest.mark.skipif(
+        grouped_convolution_gradients(dtype),
+        reason=f"TensorFlow differentiates grouped convolutions in {dtype.name} on this device: "
+               "folded tasks are not refused here")
+
+
 @pytest.fixture(scope="session")
 def make_tasks():
-    """Factory of a task batch as the meta-learner takes it.
+    """`random_tasks` (tf_mamlpp.data.random_tasks) with classes a network can tell apart.
 
-    make_tasks(num_tasks, way, shot, query, image_shape, seed=0) returns a dict
-    with support_images (tasks, way*shot, *image_shape) float32,
-    support_labels (tasks, way*shot) int32, and target_images, target_labels
-    likewise with `query` images per class. Images are uniform in [0, 1) plus
-    a per-class offset, so the classes differ.
+    make_tasks(num_tasks, way, shot, query, image_shape, seed=0): each
+    class's images are offset by half its label over `way`, so that the
+    classes differ.
     """
+    return functools.partial(random_tasks, class_offset=0.5)
 
-    def make(num_tasks, way, shot, query, image_shape, seed=0):
-        rng = np.random.default_rng(seed)
 
-        def split(per_class):
-            labels = np.tile(np.arange(way, dtype=np.int32), (num_tasks, per_class))
-            images = rng.random((num_tasks, way * per_class, *image_shape))
-            images += 0.5 * labels[..., None, None, None] / way
-            return tf.constant(images, tf.float32), tf.constant(labels)
+# The meta-gradient checks' problem (test_inner_loop.py, test_mixed_precision.py): tasks
+# of 2 classes of 4x4 images, adapted in 2 inner steps.
+TINY_WAY, TINY_IMAGE_SHAPE, TINY_STEPS = 2, (4, 4, 1), 2
 
-        support_images, support_labels = split(shot)
-        target_images, target_labels = split(query)
-        return {"support_images": support_images, "support_labels": support_labels,
-                "target_images": target_images, "target_labels": target_labels}
 
-    return make
+def tiny_network(num_steps=TINY_STEPS, seed=0, **kwargs):
+    """One conv stage of 2 filters on 4x4 images, with distinct per-state banks and rates."""
+    keras.utils.set_random_seed(seed)
+    network = MamlppNetwork(way=TINY_WAY, image_shape=TINY_IMAGE_SHAPE, inner_steps=num_steps,
+                            filters=2, num_stages=1, **kwargs)
+    rng = np.random.default_rng(seed + 1)
+    for norm in network.norms:
+        norm.gamma.assign(rng.uniform(0.5, 1.5, norm.gamma.shape))
+        norm.beta.assign(rng.uniform(-0.5, 0.5, norm.beta.shape))
+        norm.moving_mean.assign(rng.uniform(-0.2, 0.2, norm.moving_mean.shape))
+        norm.moving_variance.assign(rng.uniform(0.5, 1.5, norm.moving_variance.shape))
+    for rates in network.inner_rates.values():
+        rates.assign(rng.uniform(0.05, 0.3, rates.shape))
+    for norm in network.norms:
+        if norm.task_norm:
+            # Away from the initial alpha = sigmoid(0) = 1/2.
+            norm.blend_scale.assign(rng.uniform(-0.2, 0.2))
+            norm.blend_offset.assign(rng.uniform(-0.5, 0.5))
+    return network
+
+
+def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE, dtype="float32"):
+    """A network in `bn_mode` and `dtype`, and one task near which the outer loss is smooth.
+
+    Leaky ReLU and max-pool make the support gradient jump where a
+    pre-activation crosses zero or a pool's maximum changes hands, so the
+    adapted weights, and the outer loss, jump there too; a finite difference
+    across a jump measures the jump, not the derivative. Here every 2x2
+    window of every image has one bright pixel and the kernel a dominant
+    centre tap, so each pool's maximum is clear and positive after batch
+    norm, whichever statistics (own, support, blended or running) normalise it.
+    """
+    network = tiny_network(seed=seed, bn_mode=bn_mode, dtype=dtype)
+    rng = np.random.default_rng(seed + 2)
+    kernel = rng.uniform(-0.1, 0.1, (3, 3, 1, 2))
+    kernel[1, 1] = 1.0
+    network.fast_variables["conv0/kernel"].assign(kernel)
+    norm = network.norms[0]
+    norm.gamma.assign(rng.uniform(0.8, 1.2, norm.gamma.shape))
+    norm.beta.assign(rng.uniform(-0.3, 0.3, norm.beta.shape))
+
+    def split(per_class):
+        images = rng.uniform(0, 0.1, (TINY_WAY * per_class, *TINY_IMAGE_SHAPE))
+        for image in images:
+            for i in (0, 2):
+                for j in (0, 2):
+                    di, dj = rng.integers(0, 2, 2)
+                    image[i + di, j + dj, 0] = rng.uniform(0.9, 1.1)
+        labels = np.tile(np.arange(TINY_WAY, dtype=np.int32), per_class)
+        return tf.constant(images[None], dtype), tf.constant(labels[None])
+
+    support_images, support_labels = split(3)
+    target_images, target_labels = split(2)
+    return network, {"support_images": support_images, "support_labels": support_labels,
+                     "target_images": target_images, "target_labels": target_labels}
 
 
 def mean_cross_entropy(labels, logits):
@@ -201,7 +312,6 @@ def adapt_by_hand():
 def second_order_meta_step_ops():
     """The operations of a tiny second-order meta-gradient's traced graph."""
     from tf_mamlpp.core.inner_loop import adapt_and_evaluate
-    from tf_mamlpp.core.network import MamlppNetwork
 
     network = MamlppNetwork(2, (8, 8, 1), 1, filters=4, num_stages=2)
     tasks = {"support_images": tf.zeros((1, 2, 8, 8, 1)), "support_labels": tf.constant([[0, 1]]),

@@ -201,7 +201,7 @@ MIRRORED_FIT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import tf_mamlpp
-    from benchmarks.random_tasks import random_batch
+    from tf_mamlpp.data.random_tasks import random_tasks
 
     kind, distributed = sys.argv[1], sys.argv[2] == "mirrored"
 
@@ -216,7 +216,7 @@ MIRRORED_FIT = textwrap.dedent("""
     with strategy.scope():
         network = learner()
         meta_learner = tf_mamlpp.MetaLearner(network, keras.optimizers.SGD(0.1))
-    batch = random_batch(3, 1, 2, 4, image_shape=(16, 16, 1))
+    batch = random_tasks(4, 3, 1, 2, image_shape=(16, 16, 1))
     meta_learner.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0)
     print(json.dumps([np.asarray(v.numpy()).tolist() for v in network.variables]))
 """)

@@ -22,17 +22,17 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from benchmarks.random_tasks import random_batch
     from tf_mamlpp.core.meta_learner import MetaLearner
     from tf_mamlpp.core.network import MamlppNetwork
     from tf_mamlpp.core.schedules import Phase
+    from tf_mamlpp.data.random_tasks import random_tasks
 
     def one_step(strategy):
         keras.utils.set_random_seed(0)
         with strategy.scope():
             network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
             learner = MetaLearner(network, keras.optimizers.Adam(1e-2), strategy=strategy)
-        batch = random_batch(3, 1, 2, 4, image_shape=(8, 8, 1))
+        batch = random_tasks(4, 3, 1, 2, image_shape=(8, 8, 1))
         figures = learner.meta_update(batch, Phase(tf.constant([0.5, 0.5]), True, True))
         # Keyed by position: a second network's variables get a new name prefix.
         return ({f"{i}:{v.name}": np.asarray(v.numpy()).tolist()
@@ -73,8 +73,8 @@ def test_multi_worker_run_trains_checkpoints_from_chief_and_agrees(tmp_path):
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     flags = ["--strategy=multi_worker", "--way=3", "--shot=1", "--inner_steps=1",
-             "--filters=8", "--batch_size=4", "--epochs=2", "--iters_per_epoch=3",
-             "--val_tasks=8", "--test_tasks=8", "--second_order=false",
+             "--filters=8", "--batch_size=4", "--epochs=1", "--iters_per_epoch=2",
+             "--val_tasks=4", "--test_tasks=4", "--second_order=false",
              f"--logdir={logdir}", "--experiment=mw"]
     workers = []
     for index in range(2):
@@ -95,7 +95,7 @@ def test_multi_worker_run_trains_checkpoints_from_chief_and_agrees(tmp_path):
     assert fingerprints[0].split("parameter fingerprint")[1] == \
         fingerprints[1].split("parameter fingerprint")[1]
     run_dir = logdir / "mw"
-    assert json.loads((run_dir / "results.json").read_text())["test_tasks"] == 8
+    assert json.loads((run_dir / "results.json").read_text())["test_tasks"] == 4
     # Only the chief wrote: one directory, one set of event files.
     assert sorted(path.name for path in logdir.iterdir()) == ["mw"]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1

@@ -1,12 +1,13 @@
 """Specification of tf_mamlpp.serving.saved_model: a SavedModel that adapts, usable without this package.
 
-A tiny run is trained in-process (its training exports the best checkpoint
-to run/export); a separate Python process that never imports tf_mamlpp loads
-that SavedModel and adapts it to a real Omniglot episode, given as the
-training arrays and as the archive's PNG files, and its outputs must equal
-the in-process `AdaptingModel`'s at two numbers of query images, TensorFlow
-1's loader's (`saved_model_cli run`, as TensorFlow Serving loads) and
-`main.py --mode=adapt`'s. The subprocesses run side by side.
+The model is the session's tiny run's (conftest.tiny_run), whose training
+through main.py exported its best checkpoint to run/export. A separate
+Python process that never imports tf_mamlpp loads that SavedModel and adapts
+it to a real Omniglot episode, given as the training arrays and as the
+archive's PNG files, and its outputs must equal the in-process
+`AdaptingModel`'s at two numbers of query images, TensorFlow 1's loader's
+(`saved_model_cli run`, as TensorFlow Serving loads) and `main.py
+--mode=adapt`'s. The subprocesses run side by side.
 """
 
 import concurrent.futures
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_command, run_main, run_python
+from conftest import REPO, TINY_RUN, copy_run, run_command, run_main, run_python
 from synthetic_images import write_split_folders
 from tf_mamlpp.core.batch_norm_modes import BN_MODES
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
@@ -38,7 +39,7 @@ from tf_mamlpp.run.trainer import Trainer
 pytestmark = pytest.mark.slow
 
 OMNIGLOT = REPO / "datasets" / "omniglot"
-WAY, FILTERS, INNER_STEPS = 3, 8, 2
+WAY, FILTERS, INNER_STEPS = (TINY_RUN[name] for name in ("way", "filters", "inner_steps"))
 QUERY_COUNTS = (3, 7)
 # What TensorFlow's native libraries write to standard error as it starts,
 # on any machine without a GPU; the loader may print nothing else.
@@ -128,15 +129,12 @@ LOADER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A run trained for 4 meta-iterations; its best checkpoint is exported to run/export."""
-    config = config_module.resolve(
-        "omniglot", way=WAY, shot=1, inner_steps=INNER_STEPS, filters=FILTERS, batch_size=2,
-        iters_per_epoch=4, epochs=1, val_tasks=4, test_tasks=4, second_order=False)
-    run_dir = RunDirectory.open(tmp_path_factory.mktemp("runs"), "run", config)
-    trainer = Trainer(config, run_dir)
-    trainer.train()
-    return trainer
+def trained(tiny_run, tmp_path_factory):
+    """A copy of the session's tiny run, whose training exported its best checkpoint to
+    run/export, opened as the trainer of a new process opens it."""
+    run_dir = copy_run(tiny_run.path, tmp_path_factory.mktemp("runs"))
+    run_directory = RunDirectory.existing(run_dir.parent, run_dir.name)
+    return Trainer(run_directory.config, run_directory)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +144,7 @@ def adapting_model(trained):
     best_prefix = trained.run_dir.best_checkpoints()[0][2]
     tf.train.Checkpoint(network=network).read(
         trained.run_dir.checkpoint_path(best_prefix)).expect_partial()
-    return export.AdaptingModel(network, trained.config.eval_inner_steps)
+    return saved_model.AdaptingModel(network, trained.config.eval_inner_steps)
 
 
 def drawings(class_name):
@@ -332,7 +330,7 @@ def test_decode_image_is_omniglots_decoding(episode):
     files = json.loads((folder / "files.json").read_text())
     for path, image in zip(files["support"] + files["query"],
                            np.concatenate([episode["support_images"], episode["query_images"]])):
-        decoded = export.decode_image(pathlib.Path(path).read_bytes(), (28, 28, 1))
+        decoded = saved_model.decode_image(pathlib.Path(path).read_bytes(), (28, 28, 1))
         np.testing.assert_array_equal(decoded.numpy(), image)
 
 
@@ -348,7 +346,7 @@ def test_decode_image_rounded_is_the_image_folders_decoding(channels, tmp_path):
     paths = [path for class_files in files.files for path in class_files]
     assert len(paths) == len(cached.images) == 8
     for path, image in zip(paths, cached.images):
-        decoded = export.decode_image(path.read_bytes(), (16, 16, channels),
+        decoded = saved_model.decode_image(path.read_bytes(), (16, 16, channels),
                                       rounded_to_uint8=True)
         np.testing.assert_array_equal(decoded.numpy(), image.astype(np.float32) / 255.0)
 
@@ -459,7 +457,7 @@ def test_export_into_a_non_empty_folder_is_refused_and_keeps_its_files(adapting_
     target.mkdir()
     (target / "saved_model.pb").write_bytes(b"an earlier export")
     (target / "notes.txt").write_text("keep me")
-    with pytest.raises(export.ExportError, match="not empty"):
+    with pytest.raises(saved_model.ExportError, match="not empty"):
         saved_model.export(adapting_model.network, INNER_STEPS, target)
     assert sorted(path.name for path in target.iterdir()) == ["notes.txt", "saved_model.pb"]
     assert (target / "saved_model.pb").read_bytes() == b"an earlier export"
@@ -539,31 +537,40 @@ def write_images(folder, images):
 
 @pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, trained, tmp_path):
-    """Alone or among 50 others, through the SavedModel and through --mode=adapt, in every mode."""
+    """Through the SavedModel, alone or among 50 others; through --mode=adapt, among them
+    as the SavedModel answers it alone; in every mode. The images are as their PNG
+    files hold them, and the command runs while the SavedModel is asked."""
     export_dir = saved_model.export(randomised_network(bn_mode), INNER_STEPS, tmp_path / "export")
-    adapt = tf.saved_model.load(str(export_dir)).signatures["adapt_and_predict"]
     images = trained.splits["test"]
-    support = np.stack([images.images_of(label)[0] for label in range(WAY)]).astype(np.float32)
-    queries = np.concatenate([images.images_of(label)[1:18] for label in range(WAY)])[:51]
-
-    def probabilities(query_images):
-        return adapt(support_images=tf.constant(support),
-                     support_labels=tf.range(WAY, dtype=tf.int32),
-                     query_images=tf.constant(query_images, tf.float32))["probabilities"].numpy()
-
-    together = probabilities(queries)
-    for index in (0, 25, 50):
-        np.testing.assert_allclose(probabilities(queries[index:index + 1])[0], together[index],
-                                   rtol=1e-5, atol=1e-5)
+    support = np.round(255 * np.stack([images.images_of(label)[0] for label in range(WAY)])) / 255
+    queries = np.round(255 * np.concatenate(
+        [images.images_of(label)[1:18] for label in range(WAY)])[:51]) / 255
     for label in range(WAY):
         write_images(tmp_path / "support" / f"class{label}", support[label:label + 1])
-    write_images(tmp_path / "all", queries)
-    write_images(tmp_path / "one", queries[:1])
-    answers = {name: run_main("--mode=adapt", f"--export_dir={export_dir}",
+    write_images(tmp_path / "queries", queries)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        command = pool.submit(run_main, "--mode=adapt", f"--export_dir={export_dir}",
                               f"--support_dir={tmp_path / 'support'}",
-                              f"--query_dir={tmp_path / name}") for name in ("all", "one")}
-    for completed in answers.values():
-        assert completed.returncode == 0, completed.stderr[-2000:]
-    first_rows = [completed.stdout.strip().splitlines()[0] for completed in answers.values()]
-    assert len(answers["all"].stdout.strip().splitlines()) == 51
-    assert first_rows[0] == first_rows[1]  # file, class and probability to three places
+                              f"--query_dir={tmp_path / 'queries'}")
+        adapt = tf.saved_model.load(str(export_dir)).signatures["adapt_and_predict"]
+
+        def probabilities(query_images):
+            return adapt(support_images=tf.constant(support, tf.float32),
+                         support_labels=tf.range(WAY, dtype=tf.int32),
+                         query_images=tf.constant(query_images, tf.float32))[
+                             "probabilities"].numpy()
+
+        together = probabilities(queries)
+        alone = {index: probabilities(queries[index:index + 1])[0] for index in (0, 25, 50)}
+        completed = command.result()
+    for index, answer in alone.items():
+        np.testing.assert_allclose(answer, together[index], rtol=1e-5, atol=1e-5)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    rows = [line.split("\t") for line in completed.stdout.strip().splitlines()]
+    assert len(rows) == 51
+    for index, answer in alone.items():
+        name, predicted, probability = rows[index]
+        assert name == f"{index:03d}.png"
+        # The class, and the probability to the three places printed.
+        assert predicted == f"class{answer.argmax()}"
+        assert float(probability) == pytest.approx(answer.max(), abs=1e-3)

@@ -1,10 +1,10 @@
 """Specification of `main.py --mode=adapt`: a new task from image folders, as a user runs it.
 
-A tiny model is trained through main.py for a few dozen meta-iterations and
-exported; the task's folders hold real Omniglot PNG files, taken unchanged
-from the shipped archive (105x105, resized by the command as in training),
-one sub-folder per character named after it. Every case is its own
-`python main.py` process; they run two at a time.
+The session's tiny run (conftest.TINY_RUN) is the exported model; the task's
+folders hold real Omniglot PNG files, taken unchanged from the shipped
+archive (105x105, resized by the command as in training), one sub-folder per
+character named after it. Every case is its own `python main.py` process;
+they run two at a time.
 """
 
 import concurrent.futures
@@ -15,22 +15,16 @@ import zipfile
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_main
+from conftest import REPO, TINY_RUN, run_main
 from tf_mamlpp.data.class_images import DataError
 from tf_mamlpp.serving.folder_task import classify_folders
 
 ARCHIVE = REPO / "datasets" / "omniglot" / "images_evaluation.zip"
-WAY = 3
-# Three characters of three alphabets of the evaluation archive.
+WAY = TINY_RUN["way"]
+# Three characters of three alphabets of the evaluation archive. The export
+# adapts with 5 inner steps, which fits the support set: each support drawing
+# queried back comes out as its own class.
 CHARACTERS = ("Angelic/character01", "Glagolitic/character05", "Tibetan/character10")
-
-# 24 first-order meta-iterations of 3-way 1-shot tasks with 2 inner steps; the
-# export adapts with 5 (steps past the second reuse its rates and banks), which
-# fits the support set: in 24 random sets of 3 evaluation characters, every
-# support drawing queried back came out as its own class, with p > 0.85.
-TRAIN = ["--way=3", "--shot=1", "--inner_steps=2", "--eval_inner_steps=5", "--filters=8",
-         "--batch_size=2", "--iters_per_epoch=12", "--epochs=2", "--val_tasks=4",
-         "--test_tasks=4", "--second_order=false", "--experiment=run"]
 
 
 def class_name(character):
@@ -94,22 +88,17 @@ def error_cases(root, support, queries):
 
 
 @pytest.fixture(scope="module")
-def commands(folders, tmp_path_factory):
-    """Trains and exports, then runs every adapt command, two at a time.
+def commands(folders, tiny_run):
+    """Runs every adapt command on the tiny run's export, two at a time.
 
     Returns {"results": name -> CompletedProcess, "expected_words": name -> words}.
     """
-    logdir = tmp_path_factory.mktemp("runs")
-    trained = run_main(f"--logdir={logdir}", *TRAIN)
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    export_dir = logdir / "run" / "export"
+    export_dir = tiny_run.path / "export"
     errors = error_cases(folders["root"], folders["support"], folders["queries"])
     cases = {"task": (folders["support"], folders["queries"]),
              **{name: (support, queries) for name, (support, queries, _) in errors.items()}}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {name: pool.submit(
-                       run_main, "--mode=adapt", f"--export_dir={export_dir}",
-                       f"--support_dir={support}", f"--query_dir={queries}")
+        futures = {name: pool.submit(run_main, *adapt_flags(export_dir, support, queries))
                    for name, (support, queries) in cases.items()}
         results = {name: future.result() for name, future in futures.items()}
     return {"results": results,

@@ -16,77 +16,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import (TINY_IMAGE_SHAPE as IMAGE_SHAPE, TINY_STEPS as STEPS, TINY_WAY as WAY,
+                      lacks_grouped_convolution_gradients, needs_grouped_convolution_gradients,
+                      smooth_problem, tiny_network)
 from tf_mamlpp.core.batch_norm_modes import BN_MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
 from tf_mamlpp.core.inner_loop import (adapt_and_evaluate, cross_entropy, inner_update,
                                         support_states)
 from tf_mamlpp.core.meta_learner import MetaLearner
-from tf_mamlpp.core.network import MamlppNetwork
-from tf_mamlpp.hardware.devices import grouped_convolution_gradients
 from tf_mamlpp.core.per_step_batch_norm import Moments
 from tf_mamlpp.ops import plain_tensorflow
 
-WAY, IMAGE_SHAPE, STEPS = 2, (4, 4, 1), 2
 # float64 central differences: the truncation error, epsilon^2 / 6 times a third
 # derivative of order ten here, is about 1e-9, the rounding error, the loss's
 # 1e-16 over epsilon, about 1e-11.
 FD_EPSILON, FD_RTOL, FD_ATOL = 1e-5, 1e-6, 1e-8
-
-
-def tiny_network(num_steps=STEPS, seed=0, **kwargs):
-    """One conv stage of 2 filters on 4x4 images, with distinct per-state banks and rates."""
-    keras.utils.set_random_seed(seed)
-    network = MamlppNetwork(way=WAY, image_shape=IMAGE_SHAPE, inner_steps=num_steps, filters=2,
-                            num_stages=1, **kwargs)
-    rng = np.random.default_rng(seed + 1)
-    for norm in network.norms:
-        norm.gamma.assign(rng.uniform(0.5, 1.5, norm.gamma.shape))
-        norm.beta.assign(rng.uniform(-0.5, 0.5, norm.beta.shape))
-        norm.moving_mean.assign(rng.uniform(-0.2, 0.2, norm.moving_mean.shape))
-        norm.moving_variance.assign(rng.uniform(0.5, 1.5, norm.moving_variance.shape))
-    for rates in network.inner_rates.values():
-        rates.assign(rng.uniform(0.05, 0.3, rates.shape))
-    for norm in network.norms:
-        if norm.task_norm:
-            # Away from the initial alpha = sigmoid(0) = 1/2.
-            norm.blend_scale.assign(rng.uniform(-0.2, 0.2))
-            norm.blend_offset.assign(rng.uniform(-0.5, 0.5))
-    return network
-
-
-def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE, dtype="float32"):
-    """A network in `bn_mode` and `dtype`, and one task near which the outer loss is smooth.
-
-    Leaky ReLU and max-pool make the support gradient jump where a
-    pre-activation crosses zero or a pool's maximum changes hands, so the
-    adapted weights, and the outer loss, jump there too; a finite difference
-    across a jump measures the jump, not the derivative. Here every 2x2
-    window of every image has one bright pixel and the kernel a dominant
-    centre tap, so each pool's maximum is clear and positive after batch
-    norm, whichever statistics (own, support, blended or running) normalise it.
-    """
-    network = tiny_network(seed=seed, bn_mode=bn_mode, dtype=dtype)
-    rng = np.random.default_rng(seed + 2)
-    kernel = rng.uniform(-0.1, 0.1, (3, 3, 1, 2))
-    kernel[1, 1] = 1.0
-    network.fast_variables["conv0/kernel"].assign(kernel)
-    norm = network.norms[0]
-    norm.gamma.assign(rng.uniform(0.8, 1.2, norm.gamma.shape))
-    norm.beta.assign(rng.uniform(-0.3, 0.3, norm.beta.shape))
-
-    def split(per_class):
-        images = rng.uniform(0, 0.1, (WAY * per_class, *IMAGE_SHAPE))
-        for image in images:
-            for i in (0, 2):
-                for j in (0, 2):
-                    di, dj = rng.integers(0, 2, 2)
-                    image[i + di, j + dj, 0] = rng.uniform(0.9, 1.1)
-        labels = np.tile(np.arange(WAY, dtype=np.int32), per_class)
-        return tf.constant(images[None], dtype), tf.constant(labels[None])
-
-    support_images, support_labels = split(3)
-    target_images, target_labels = split(2)
-    return network, {"support_images": support_images, "support_labels": support_labels,
-                     "target_images": target_images, "target_labels": target_labels}
 
 
 @pytest.fixture
@@ -464,21 +407,29 @@ def test_support_mode_meta_gradient_flows_through_the_support_statistics(tasks, 
                                rtol=1e-5, atol=1e-7)
 
 
+def folded_pair(make_tasks):
+    """Two tasks, which adapt_and_evaluate folds into grouped convolutions."""
+    return make_tasks(2, WAY, shot=3, query=2, image_shape=IMAGE_SHAPE, seed=5)
+
+
+@lacks_grouped_convolution_gradients()
+@pytest.mark.parametrize("bn_mode", BN_MODES)
+def test_where_grouped_convolutions_have_no_gradients_folding_is_refused(make_tasks, bn_mode):
+    """Folded adaptation fails deep in TensorFlow here, so the meta-learner refuses
+    to fold, with a clear message, before it starts."""
+    network = tiny_network(bn_mode=bn_mode)
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        adapt_and_evaluate(network, folded_pair(make_tasks), STEPS, True, [0, 1], bn_mode)
+    with pytest.raises(ValueError, match="fold_tasks=True"):
+        MetaLearner(network, keras.optimizers.Adam(1e-3), fold_tasks=True)
+
+
+@needs_grouped_convolution_gradients()
 @pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_tasks_adapted_together_equal_each_adapted_alone(make_tasks, bn_mode):
     """Folded tasks (grouped convolutions) give each task its own loss and gradient."""
     network = tiny_network(bn_mode=bn_mode)
-    pair = make_tasks(2, WAY, shot=3, query=2, image_shape=IMAGE_SHAPE, seed=5)
-    if not grouped_convolution_gradients():
-        # This device cannot differentiate grouped convolutions, so folded
-        # adaptation fails here, and the meta-learner refuses to fold with a
-        # clear message instead.
-        with pytest.raises(tf.errors.InvalidArgumentError):
-            adapt_and_evaluate(network, pair, STEPS, True, [0, 1], bn_mode)
-        with pytest.raises(ValueError, match="fold_tasks=True"):
-            MetaLearner(network, keras.optimizers.Adam(1e-3),
-                        fold_tasks=True)
-        return
+    pair = folded_pair(make_tasks)
     together = adapt_and_evaluate(network, pair, STEPS, True, [0, 1], bn_mode)
     gradients_together = meta_gradients(network, pair, True, [0, 1], [0.3, 0.7])
     alone = [{key: value[task:task + 1] for key, value in pair.items()} for task in range(2)]

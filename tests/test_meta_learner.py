@@ -22,12 +22,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import lacks_grouped_convolution_gradients, needs_grouped_convolution_gradients
 from tf_mamlpp.core.batch_norm_modes import BN_MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.core.network import MamlppNetwork
 from tf_mamlpp.core.schedules import Phase
-from tf_mamlpp.hardware.devices import grouped_convolution_gradients
 
 WAY, IMAGE_SHAPE, STEPS, TASKS = 2, (4, 4, 1), 2, 2
 STATES = STEPS + 1
@@ -360,11 +360,14 @@ def test_task_by_task_sums_are_the_single_tasks_steps(batch):
                                        rtol=1e-5, atol=1e-6)
 
 
+@lacks_grouped_convolution_gradients()
+def test_where_grouped_convolutions_have_no_gradients_folding_is_refused():
+    with pytest.raises(ValueError, match="fold_tasks=True"):
+        meta_learner(tiny_network(), fold_tasks=True)
+
+
+@needs_grouped_convolution_gradients()
 def test_folded_and_one_at_a_time_tasks_give_the_same_sums(batch):
-    if not grouped_convolution_gradients():
-        with pytest.raises(ValueError, match="fold_tasks=True"):
-            meta_learner(tiny_network(), fold_tasks=True)
-        return
     learner = meta_learner(tiny_network(), fold_tasks=True)
     weights = tf.constant(MSL_WEIGHTS)
     folded = learner._tasks_step(batch, Phase(weights, True, True))
@@ -379,13 +382,11 @@ def test_folded_and_one_at_a_time_tasks_give_the_same_sums(batch):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("fold_tasks", [False, True], ids=["task by task", "folded"])
+@pytest.mark.parametrize("fold_tasks", [
+    pytest.param(False, id="task by task"),
+    pytest.param(True, id="folded", marks=needs_grouped_convolution_gradients())])
 @pytest.mark.slow
 def test_the_meta_step_traces_once_per_switch_combination(batch, fold_tasks):
-    if fold_tasks and not grouped_convolution_gradients():
-        with pytest.raises(ValueError, match="fold_tasks=True"):
-            meta_learner(tiny_network(), fold_tasks=True)
-        return
     learner = meta_learner(tiny_network(), fold_tasks=fold_tasks)
     schedule = [[0.5, 0.5], [0.45, 0.55], [0.4, 0.6], [0.5, 0.5], [0.3, 0.7]]
     for weights in schedule:

@@ -26,20 +26,19 @@ import tensorflow as tf
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from conftest import TIMEOUT, run_main, run_python, slow_tests_selected
+from conftest import (TIMEOUT, lacks_grouped_convolution_gradients,
+                      needs_grouped_convolution_gradients, run_main, run_python, slow_tests_selected,
+                      smooth_problem)
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate, inner_update
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.run import config as config_module
 from tf_mamlpp.serving import saved_model
 from tf_mamlpp.core.mixed_precision import DynamicLossScale, all_finite, compute_dtype
 from tf_mamlpp.core.network import MamlppNetwork
-from tf_mamlpp.hardware.devices import grouped_convolution_gradients
 from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError
 from tf_mamlpp.core.schedules import Phase
 from tf_mamlpp.run.builders import build_network
 from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer
-
-from test_inner_loop import smooth_problem
 
 WAY, IMAGE_SHAPE, STEPS = 2, (8, 8, 1), 2
 MSL_WEIGHTS = [0.4, 0.6]
@@ -323,25 +322,30 @@ def test_under_mirrored_strategy_an_overflow_on_one_replica_skips_every_replica(
     assert (poisoned["scale"], poisoned["iterations"]) == (2.0**9, 2)
 
 
+def folded_meta_gradient(tasks, fold, dtype):
+    """The meta-gradient of `tasks` computed in `dtype`, folded or task by task."""
+    loss_scale = None if dtype == tf.float32 else DynamicLossScale(2.0**10, compute_dtype=dtype)
+    learner = MetaLearner(tiny_network(), keras.optimizers.Adam(1e-2), fold_tasks=fold,
+                          loss_scale=loss_scale)
+    step = learner._tasks_step if fold else learner._task_by_task
+    return step(tasks, Phase(tf.constant(MSL_WEIGHTS), True, True))["gradients"]
+
+
+@lacks_grouped_convolution_gradients(compute_dtype())
+def test_where_grouped_convolutions_have_no_16_bit_gradients_folding_is_refused(make_tasks):
+    tasks = make_tasks(2, WAY, shot=1, query=2, image_shape=IMAGE_SHAPE)
+    with pytest.raises(ValueError, match="fold_tasks=True"):
+        folded_meta_gradient(tasks, True, compute_dtype())
+
+
+@needs_grouped_convolution_gradients(compute_dtype())
 def test_folded_tasks_give_the_task_loops_meta_gradient_in_16_bits(make_tasks):
     """--fold_tasks with --mixed_precision: grouped convolutions have 16-bit gradients."""
     tasks = make_tasks(2, WAY, shot=1, query=2, image_shape=IMAGE_SHAPE)
-
-    def meta_gradient(fold, dtype):
-        loss_scale = None if dtype == tf.float32 else DynamicLossScale(2.0**10, compute_dtype=dtype)
-        learner = MetaLearner(tiny_network(), keras.optimizers.Adam(1e-2), fold_tasks=fold,
-                              loss_scale=loss_scale)
-        step = learner._tasks_step if fold else learner._task_by_task
-        return step(tasks, Phase(tf.constant(MSL_WEIGHTS), True, True))["gradients"]
-
     dtype = compute_dtype()
-    if not grouped_convolution_gradients(dtype):
-        # This device cannot differentiate grouped convolutions in 16 bits: the flag is refused.
-        with pytest.raises(ValueError, match="fold_tasks=True"):
-            meta_gradient(True, dtype)
-        return
-    for folded, looped, plain in zip(meta_gradient(True, dtype), meta_gradient(False, dtype),
-                                     meta_gradient(False, tf.float32)):
+    gradients = [folded_meta_gradient(tasks, fold, precision)
+                 for fold, precision in ((True, dtype), (False, dtype), (False, tf.float32))]
+    for folded, looped, plain in zip(*gradients):
         np.testing.assert_allclose(folded, looped, rtol=1e-3, atol=1e-3 * np.abs(looped).max())
         # 16-bit indeed: not float32's meta-gradient.
         assert not np.allclose(looped, plain, rtol=1e-4, atol=0)

@@ -160,6 +160,6 @@ def test_each_probe_step_convolves_in_the_precision_it_times(dtype):
     network = precision.build_network(dataclasses.replace(config, inner_steps=1))
     phase = precision.Phase(np.ones(1, np.float32), multi_step=False, second_order=False)
     step = precision._meta_gradient_norm(network, phase, dtype)
-    graph = step.get_concrete_function(precision._random_task(config)).graph
+    graph = step.get_concrete_function(precision._probe_task(config)).graph
     kinds = {op.get_attr("T") for op in graph.get_operations() if op.type == "Conv2D"}
     assert kinds == {dtype}

@@ -201,7 +201,7 @@ def test_a_failed_validation_costs_no_training(tmp_path):
     def failing_validation(epoch):
         raise OSError("validation data went away")
 
-    first.validate = failing_validation
+    first.scoring.validate = failing_validation
     with pytest.raises(OSError):
         first.train()
     second = Trainer(config, open_run(tmp_path, config))

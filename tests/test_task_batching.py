@@ -8,6 +8,7 @@ convolutions (`grouped_convolution_gradients()`); where TensorFlow lacks them
 instead of deep inside the first meta-step.
 """
 
+import functools
 import os
 import textwrap
 
@@ -16,29 +17,20 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_python
+from conftest import (lacks_grouped_convolution_gradients, needs_grouped_convolution_gradients,
+                      run_python)
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.core.network import MamlppNetwork
 from tf_mamlpp.core.schedules import Phase
-from tf_mamlpp.hardware.devices import grouped_convolution_gradients
+from tf_mamlpp.data.random_tasks import random_tasks
 
 
-def random_tasks(num_tasks, way, shot, query, size, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def labels(per_class):
-        return tf.constant([rng.permutation(np.repeat(np.arange(way), per_class))
-                            for _ in range(num_tasks)], tf.int32)
-
-    def images(per_class):
-        return tf.constant(rng.random((num_tasks, way * per_class, size, size, 1), np.float32))
-
-    return {"support_images": images(shot), "support_labels": labels(shot),
-            "target_images": images(query), "target_labels": labels(query)}
-
-
-def assert_folding_is_refused(second_order, tasks, jit_compile=False):
-    """Where grouped convolutions have no gradients, `fold_tasks` is refused up front."""
+@lacks_grouped_convolution_gradients()
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["plain", "compiled"])
+@pytest.mark.parametrize("second_order", [False, True])
+def test_where_grouped_convolutions_have_no_gradients_folding_is_refused_up_front(
+        second_order, jit_compile):
+    """Whether or not the step would be compiled."""
     # The refusal is justified: a grouped convolution's gradient really fails here.
     images = tf.random.uniform((1, 4, 4, 2))
     with pytest.raises(tf.errors.InvalidArgumentError):
@@ -47,29 +39,38 @@ def assert_folding_is_refused(second_order, tasks, jit_compile=False):
             loss = tf.reduce_sum(tf.nn.conv2d(images, tf.ones((3, 3, 1, 2)), 1, "SAME"))
         tape.gradient(loss, images).numpy()
     with pytest.raises(ValueError, match="fold_tasks=True"):
-        one_step(True, second_order, tasks, jit_compile=jit_compile)
+        one_step(True, second_order, jit_compile=jit_compile)
 
 
-def one_step(fold_tasks, second_order, tasks, parallel_tasks=1, jit_compile=False):
+def three_tasks():
+    """A meta-batch of 3 random 3-way tasks of 8x8 images, 2 support and 2 target a class."""
+    return random_tasks(3, 3, 2, 2, (8, 8, 1))
+
+
+@functools.cache
+def one_step(fold_tasks, second_order, parallel_tasks=1, jit_compile=False):
+    """(variables, figures) after one meta-update of the same network on `three_tasks()`.
+
+    Each path's step is taken once and compared with the others, as often as
+    the tests ask.
+    """
     keras.utils.set_random_seed(3)
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-2), fold_tasks=fold_tasks,
                           parallel_tasks=parallel_tasks, jit_compile=jit_compile)
-    figures = learner.meta_update(tasks, Phase(tf.constant([0.3, 0.7]), True, second_order))
+    figures = learner.meta_update(three_tasks(),
+                                  Phase(tf.constant([0.3, 0.7]), True, second_order))
     return ([np.asarray(v.numpy()) for v in network.variables],
             {name: float(value) for name, value in figures.items()})
 
 
+@needs_grouped_convolution_gradients()
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.slow
 def test_folded_tasks_give_the_plain_step(second_order):
-    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8)
-    plain_variables, plain_figures = one_step(False, second_order, tasks)
+    plain_variables, plain_figures = one_step(False, second_order)
     assert plain_figures["update_norm"] > 0
-    if not grouped_convolution_gradients():
-        assert_folding_is_refused(second_order, tasks)
-        return
-    folded_variables, folded_figures = one_step(True, second_order, tasks)
+    folded_variables, folded_figures = one_step(True, second_order)
     assert plain_figures.keys() == folded_figures.keys()
     for name, value in plain_figures.items():
         assert folded_figures[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
@@ -80,9 +81,8 @@ def test_folded_tasks_give_the_plain_step(second_order):
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.slow
 def test_parallel_tasks_give_the_plain_step(second_order):
-    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8, seed=1)
-    plain_variables, plain_figures = one_step(False, second_order, tasks)
-    parallel_variables, parallel_figures = one_step(False, second_order, tasks, parallel_tasks=3)
+    plain_variables, plain_figures = one_step(False, second_order)
+    parallel_variables, parallel_figures = one_step(False, second_order, parallel_tasks=3)
     assert parallel_figures == pytest.approx(plain_figures, rel=1e-6, abs=1e-7)
     for plain, parallel in zip(plain_variables, parallel_variables):
         np.testing.assert_allclose(parallel, plain, rtol=1e-6, atol=1e-7)
@@ -91,28 +91,23 @@ def test_parallel_tasks_give_the_plain_step(second_order):
 
 @pytest.mark.slow
 def test_parallel_tasks_reach_the_task_loop():
-    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8)
+    tasks = three_tasks()
     network = MamlppNetwork(3, (8, 8, 1), 2, filters=4, num_stages=2)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-2), parallel_tasks=3)
-    graph = learner._replica_train_step.get_concrete_function(
-        tasks, tf.constant([0.3, 0.7]), False, True).graph
+    graph = learner._compiled_replica_step.get_concrete_function(
+        tasks, Phase(tf.constant([0.3, 0.7]), False, True)).graph
     loops = [op for op in graph.get_operations() if op.type in ("While", "StatelessWhile")]
     assert [op.get_attr("parallel_iterations") for op in loops] == [3]
 
 
-@pytest.mark.parametrize("fold_tasks", [False, True], ids=["task by task", "folded"])
+@pytest.mark.parametrize("fold_tasks", [
+    pytest.param(False, id="task by task"),
+    pytest.param(True, id="folded", marks=needs_grouped_convolution_gradients())])
 @pytest.mark.parametrize("second_order", [False, True])
 @pytest.mark.slow
 def test_the_xla_compiled_step_gives_the_plain_step(second_order, fold_tasks):
-    tasks = random_tasks(num_tasks=3, way=3, shot=2, query=2, size=8, seed=2)
-    if fold_tasks and not grouped_convolution_gradients():
-        # Refused whether or not the step would be compiled.
-        assert_folding_is_refused(second_order, tasks, jit_compile=True)
-        assert_folding_is_refused(second_order, tasks, jit_compile=False)
-        return
-    plain_variables, plain_figures = one_step(fold_tasks, second_order, tasks)
-    compiled_variables, compiled_figures = one_step(fold_tasks, second_order, tasks,
-                                                    jit_compile=True)
+    plain_variables, plain_figures = one_step(fold_tasks, second_order)
+    compiled_variables, compiled_figures = one_step(fold_tasks, second_order, jit_compile=True)
     assert compiled_figures == pytest.approx(plain_figures, rel=1e-4, abs=1e-6)
     assert plain_figures["update_norm"] > 0
     for plain, compiled in zip(plain_variables, compiled_variables):

@@ -1,9 +1,9 @@
 """Specification of what a run writes for TensorBoard, read back with TensorBoard's reader.
 
-One tiny run through main.py with every schedule changing within it: 3 epochs
-of 3 meta-iterations, MSL over the first 2 epochs, first order for 1 epoch
-then second order (DA), cosine-annealed meta-learning rate (CA). TF2
-summaries are stored as tensors; each tag is read as {step: value}.
+The session's tiny run through main.py (conftest.TINY_RUN), every schedule
+changing within it: MSL over the first 2 epochs, first order for 1 epoch then
+second order (DA), cosine-annealed meta-learning rate (CA). TF2 summaries are
+stored as tensors; each tag is read as {step: value}.
 """
 
 import json
@@ -15,37 +15,25 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from conftest import run_main
+from conftest import TINY_RUN
 from tf_mamlpp.core.batch_norm_modes import SUPPORT, TRANSDUCTIVE
 
 pytestmark = pytest.mark.slow
 
-EPOCHS, ITERS, STEPS = 3, 3, 2
+EPOCHS, ITERS, STEPS = (TINY_RUN[name] for name in ("epochs", "iters_per_epoch", "inner_steps"))
 LAYERS = ["conv0", "conv1", "conv2", "conv3", "head"]
-META_LR, MIN_META_LR, INNER_LR = 1e-3, 1e-5, 0.1
-RUN = ["--way=3", "--shot=1", f"--inner_steps={STEPS}", "--filters=8", "--batch_size=2",
-       f"--iters_per_epoch={ITERS}", f"--epochs={EPOCHS}", "--msl_epochs=2",
-       "--first_order_epochs=1", "--second_order=true", "--val_tasks=4", "--test_tasks=4",
-       f"--meta_lr={META_LR}", f"--min_meta_lr={MIN_META_LR}", f"--inner_lr={INNER_LR}",
-       "--experiment=run"]
+META_LR, MIN_META_LR, INNER_LR = (TINY_RUN[name] for name in ("meta_lr", "min_meta_lr",
+                                                              "inner_lr"))
 EPOCH_STARTS = [epoch * ITERS for epoch in range(EPOCHS)]  # steps of once-an-epoch figures
 ITERATIONS = list(range(1, EPOCHS * ITERS + 1))  # steps of per-iteration figures
 EPOCH_ENDS = [(epoch + 1) * ITERS for epoch in range(EPOCHS)]  # steps of validation figures
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    logdir = tmp_path_factory.mktemp("runs")
-    completed = run_main(f"--logdir={logdir}", *RUN, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return logdir / "run", completed
-
-
-@pytest.fixture(scope="module")
-def events(run):
+def events(tiny_run):
     """The run's summaries: {"tensors": tag -> {step: ndarray}, "plugins": tag -> plugin}."""
     accumulator = event_accumulator.EventAccumulator(
-        str(run[0]), size_guidance={event_accumulator.TENSORS: 0})
+        str(tiny_run.path), size_guidance={event_accumulator.TENSORS: 0})
     accumulator.Reload()
     tensors, plugins = {}, {}
     for tag in accumulator.Tags()["tensors"]:
@@ -130,8 +118,8 @@ def test_learned_inner_rates_of_every_layer_and_step_each_epoch(events):
 
 
 @pytest.mark.parametrize("mode", [TRANSDUCTIVE, SUPPORT])
-def test_validation_accuracy_and_interval_each_epoch_as_trained_and_as_exported(events, run,
-                                                                                  mode):
+def test_validation_accuracy_and_interval_each_epoch_as_trained_and_as_exported(
+        events, tiny_run, mode):
     accuracy = scalars(events, f"val_{mode}/accuracy")
     interval = scalars(events, f"val_{mode}/interval")
     assert list(accuracy) == list(interval) == EPOCH_ENDS
@@ -140,7 +128,7 @@ def test_validation_accuracy_and_interval_each_epoch_as_trained_and_as_exported(
     for step in range(STEPS):
         after = scalars(events, f"val_{mode}/accuracy_after_step_{step}")
         assert list(after) == EPOCH_ENDS
-    history = json.loads((run[0] / "history.json").read_text())
+    history = json.loads((tiny_run.path / "history.json").read_text())
     np.testing.assert_allclose([record[f"val_accuracy_{mode}"] for record in history],
                                list(accuracy.values()), rtol=1e-6)
 
@@ -169,29 +157,31 @@ def test_per_step_batch_norm_statistics_histograms_each_epoch(events, stage, sta
         assert sorted(events["tensors"][tags[0]]) == EPOCH_STARTS
 
 
-def test_resolved_configuration_as_text(events, run):
+def test_resolved_configuration_as_text(events, tiny_run):
     texts = {tag: values for tag, values in events["tensors"].items()
              if events["plugins"][tag] == "text" and "config" in tag}
     assert texts, f"no text summary of the configuration; tags: {sorted(events['tensors'])}"
     (values,) = texts.values()
     text = values[min(values)].item().decode()
-    saved = json.loads((run[0] / "config.json").read_text())
+    saved = json.loads((tiny_run.path / "config.json").read_text())
     body = text.strip().strip("`").strip()
     assert json.loads(body) == saved
 
 
-def test_progress_off_a_terminal_is_plain_lines(run):
-    stderr = run[1].stderr
+def test_progress_off_a_terminal_is_plain_lines(tiny_run):
+    stderr = tiny_run.process.stderr
     assert "\r" not in stderr
     lines = stderr.splitlines()
     for epoch in range(1, EPOCHS + 1):
         assert any(line.startswith(f"epoch {epoch}/{EPOCHS} {ITERS}/{ITERS} ") for line in lines)
-    assert any(line.startswith("test tasks (transductive batch norm) 4/4 ") for line in lines)
+    tasks = TINY_RUN["test_tasks"]
+    assert any(line.startswith(f"test tasks (transductive batch norm) {tasks}/{tasks} ")
+               for line in lines)
 
 
 @pytest.mark.parametrize("mode", [TRANSDUCTIVE, SUPPORT])
-def test_ensemble_test_accuracy_as_trained_and_as_exported(events, run, mode):
-    results = json.loads((run[0] / "results.json").read_text())
+def test_ensemble_test_accuracy_as_trained_and_as_exported(events, tiny_run, mode):
+    results = json.loads((tiny_run.path / "results.json").read_text())
     expected = results if mode == results["bn_mode"] else results["serving"]
     assert expected["bn_mode"] == mode
     (accuracy,) = scalars(events, f"test_{mode}/ensemble_accuracy").values()

@@ -28,6 +28,7 @@ from tf_mamlpp.atomic_files import write_atomically
 from tf_mamlpp.core import mixed_precision
 from tf_mamlpp.core.meta_step import outer_loss
 from tf_mamlpp.core.schedules import Phase
+from tf_mamlpp.data.random_tasks import random_tasks
 from tf_mamlpp.hardware.machine import cpu_description
 from tf_mamlpp.run.builders import build_network, build_schedule
 from tf_mamlpp.run.config import AUTO
@@ -155,6 +156,11 @@ def _probe_network(config):
     return build_network(dataclasses.replace(config, inner_steps=1))
 
 
+def _probe_task(config):
+    """One random task of `config`'s shapes: the step's cost does not depend on the pixels."""
+    return random_tasks(1, config.way, config.shot, config.query, config.image_shape)
+
+
 def probe(config):
     """Times one random task's meta-gradient in float32 and in 16 bits, interleaved."""
     network = _probe_network(config)
@@ -162,7 +168,7 @@ def probe(config):
     sixteen_bits = mixed_precision.compute_dtype()
     steps = {dtype: _meta_gradient_norm(network, phase, dtype)
              for dtype in (tf.float32, sixteen_bits)}
-    task = _random_task(config)
+    task = _probe_task(config)
     for step in steps.values():
         step.get_concrete_function(task)  # traced before the clock starts
     fastest = dict.fromkeys(steps, math.inf)
@@ -190,17 +196,3 @@ def _meta_gradient_norm(network, phase, dtype):
             unconnected_gradients=tf.UnconnectedGradients.ZERO))
 
     return step
-
-
-def _random_task(config):
-    """One task of `config`'s shapes, in the batch format of episodes.py."""
-    def images(count):
-        return tf.random.uniform((1, count, config.image_size, config.image_size,
-                                  config.channels))
-
-    def labels(count):
-        return tf.range(count)[tf.newaxis] % config.way
-
-    support, target = config.way * config.shot, config.way * config.query
-    return {"support_images": images(support), "support_labels": labels(support),
-            "target_images": images(target), "target_labels": labels(target)}
