@@ -149,12 +149,14 @@ def test_a_user_backbone_meta_trains_on_omniglot_above_its_untrained_baseline():
                                      images.num_classes)
     spec = tf_mamlpp.EpisodeSpec(way=5, shot=1, query=1)
     backbone = tf_mamlpp.KerasBackbone(small_user_backbone(5), inner_steps=3, bn_mode="support")
+    # An epoch of first-order MSL, then one of second order on the last step only:
+    # measured at 38.6% ± 3.0 after them, from 26.5% ± 1.9 before.
     learner = tf_mamlpp.MetaLearner(
-        backbone, tf_mamlpp.meta_optimizer(3e-3, 1e-4, ca=True, total_iterations=150),
-        schedule=tf_mamlpp.Schedule(msl_epochs=2, first_order_epochs=2))
+        backbone, tf_mamlpp.meta_optimizer(3e-3, 1e-4, ca=True, total_iterations=100),
+        schedule=tf_mamlpp.Schedule(msl_epochs=1, first_order_epochs=1))
     before, before_interval = validation_accuracy(learner, images.select(splits["val"]), spec)
     episodes = tf_mamlpp.episode_dataset(images.select(splits["train"]), spec, 4, seed=0,
                                          augment=True)
-    learner.fit(episodes, epochs=3, steps_per_epoch=50, verbose=0)
+    learner.fit(episodes, epochs=2, steps_per_epoch=50, verbose=0)
     after, after_interval = validation_accuracy(learner, images.select(splits["val"]), spec)
     assert after - after_interval > before + before_interval, (before, after)

@@ -27,8 +27,8 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 from conftest import (TIMEOUT, lacks_grouped_convolution_gradients,
-                      needs_grouped_convolution_gradients, run_main, run_python, slow_tests_selected,
-                      smooth_problem)
+                      needs_grouped_convolution_gradients, run_main, run_python,
+                      slow_tests_selected, smooth_problem)
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate, inner_update
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.run import config as config_module
@@ -56,7 +56,7 @@ TOLERANCES = {tf.float16: TOLERANCE, tf.bfloat16: 3 * TOLERANCE}
 # overflows float16 while the first replica's stays finite.
 MIRRORED_SCRIPT = textwrap.dedent("""
     import json
-    import numpy as np, tensorflow as tf, keras
+    import tensorflow as tf, keras
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
@@ -64,12 +64,9 @@ MIRRORED_SCRIPT = textwrap.dedent("""
     from tf_mamlpp.core.mixed_precision import DynamicLossScale
     from tf_mamlpp.core.network import MamlppNetwork
     from tf_mamlpp.core.schedules import Phase
+    from tf_mamlpp.data.random_tasks import random_tasks
 
-    rng = np.random.default_rng(0)
-    batch = {"support_images": tf.constant(rng.random((2, 2, 8, 8, 1)), tf.float32),
-             "support_labels": tf.constant([[0, 1], [0, 1]]),
-             "target_images": tf.constant(rng.random((2, 4, 8, 8, 1)), tf.float32),
-             "target_labels": tf.constant([[0, 1, 0, 1], [0, 1, 0, 1]])}
+    batch = random_tasks(2, 2, 1, 2, (8, 8, 1))
     poisoned = dict(batch, support_images=tf.concat(
         [batch["support_images"][:1], 1e5 * batch["support_images"][1:]], 0))
 
