@@ -194,13 +194,13 @@ def make_tasks():
 
 # The meta-gradient checks' problem (test_inner_loop.py, test_mixed_precision.py): tasks
 # of 2 classes of 4x4 images, adapted in 2 inner steps.
-TINY_WAY, TINY_IMAGE_SHAPE, TINY_STEPS = 2, (4, 4, 1), 2
+SMALL_WAY, SMALL_IMAGE_SHAPE, SMALL_STEPS = 2, (4, 4, 1), 2
 
 
-def tiny_network(num_steps=TINY_STEPS, seed=0, **kwargs):
+def small_network(num_steps=SMALL_STEPS, seed=0, **kwargs):
     """One conv stage of 2 filters on 4x4 images, with distinct per-state banks and rates."""
     keras.utils.set_random_seed(seed)
-    network = MamlppNetwork(way=TINY_WAY, image_shape=TINY_IMAGE_SHAPE, inner_steps=num_steps,
+    network = MamlppNetwork(way=SMALL_WAY, image_shape=SMALL_IMAGE_SHAPE, inner_steps=num_steps,
                             filters=2, num_stages=1, **kwargs)
     rng = np.random.default_rng(seed + 1)
     for norm in network.norms:
@@ -229,7 +229,7 @@ def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE, dtype="float32"):
     centre tap, so each pool's maximum is clear and positive after batch
     norm, whichever statistics (own, support, blended or running) normalise it.
     """
-    network = tiny_network(seed=seed, bn_mode=bn_mode, dtype=dtype)
+    network = small_network(seed=seed, bn_mode=bn_mode, dtype=dtype)
     rng = np.random.default_rng(seed + 2)
     kernel = rng.uniform(-0.1, 0.1, (3, 3, 1, 2))
     kernel[1, 1] = 1.0
@@ -239,13 +239,13 @@ def smooth_problem(seed=0, bn_mode=TRANSDUCTIVE, dtype="float32"):
     norm.beta.assign(rng.uniform(-0.3, 0.3, norm.beta.shape))
 
     def split(per_class):
-        images = rng.uniform(0, 0.1, (TINY_WAY * per_class, *TINY_IMAGE_SHAPE))
+        images = rng.uniform(0, 0.1, (SMALL_WAY * per_class, *SMALL_IMAGE_SHAPE))
         for image in images:
             for i in (0, 2):
                 for j in (0, 2):
                     di, dj = rng.integers(0, 2, 2)
                     image[i + di, j + dj, 0] = rng.uniform(0.9, 1.1)
-        labels = np.tile(np.arange(TINY_WAY, dtype=np.int32), per_class)
+        labels = np.tile(np.arange(SMALL_WAY, dtype=np.int32), per_class)
         return tf.constant(images[None], dtype), tf.constant(labels[None])
 
     support_images, support_labels = split(3)

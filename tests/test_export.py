@@ -535,36 +535,52 @@ def write_images(folder, images):
         (folder / f"{index:03d}.png").write_bytes(png.numpy())
 
 
-@pytest.mark.parametrize("bn_mode", BN_MODES)
-def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, trained, tmp_path):
-    """Through the SavedModel, alone or among 50 others; through --mode=adapt, among them
-    as the SavedModel answers it alone; in every mode. The images are as their PNG
-    files hold them, and the command runs while the SavedModel is asked."""
-    export_dir = saved_model.export(randomised_network(bn_mode), INNER_STEPS, tmp_path / "export")
+@pytest.fixture(scope="module")
+def query_tasks(trained, tmp_path_factory):
+    """In every mode, a task of 51 queries: {mode: (export dir, support, queries, future)}.
+
+    The export is a randomised network's; support and queries are test
+    images as their PNG files (in the task's folders) hold them; the future
+    is of --mode=adapt on those folders, started as soon as the export is
+    written, two commands at a time.
+    """
     images = trained.splits["test"]
     support = np.round(255 * np.stack([images.images_of(label)[0] for label in range(WAY)])) / 255
     queries = np.round(255 * np.concatenate(
         [images.images_of(label)[1:18] for label in range(WAY)])[:51]) / 255
-    for label in range(WAY):
-        write_images(tmp_path / "support" / f"class{label}", support[label:label + 1])
-    write_images(tmp_path / "queries", queries)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        command = pool.submit(run_main, "--mode=adapt", f"--export_dir={export_dir}",
-                              f"--support_dir={tmp_path / 'support'}",
-                              f"--query_dir={tmp_path / 'queries'}")
-        adapt = tf.saved_model.load(str(export_dir)).signatures["adapt_and_predict"]
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    tasks = {}
+    for bn_mode in BN_MODES:
+        folder = tmp_path_factory.mktemp(bn_mode)
+        export_dir = saved_model.export(randomised_network(bn_mode), INNER_STEPS,
+                                        folder / "export")
+        for label in range(WAY):
+            write_images(folder / "support" / f"class{label}", support[label:label + 1])
+        write_images(folder / "queries", queries)
+        tasks[bn_mode] = (export_dir, support, queries, pool.submit(
+            run_main, "--mode=adapt", f"--export_dir={export_dir}",
+            f"--support_dir={folder / 'support'}", f"--query_dir={folder / 'queries'}"))
+    yield tasks
+    pool.shutdown(wait=True)
 
-        def probabilities(query_images):
-            return adapt(support_images=tf.constant(support, tf.float32),
-                         support_labels=tf.range(WAY, dtype=tf.int32),
-                         query_images=tf.constant(query_images, tf.float32))[
-                             "probabilities"].numpy()
 
-        together = probabilities(queries)
-        alone = {index: probabilities(queries[index:index + 1])[0] for index in (0, 25, 50)}
-        completed = command.result()
+@pytest.mark.parametrize("bn_mode", BN_MODES)
+def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, query_tasks):
+    """Through the SavedModel, alone or among 50 others; through --mode=adapt, among them
+    as the SavedModel answers it alone; in every mode."""
+    export_dir, support, queries, command = query_tasks[bn_mode]
+    adapt = tf.saved_model.load(str(export_dir)).signatures["adapt_and_predict"]
+
+    def probabilities(query_images):
+        return adapt(support_images=tf.constant(support, tf.float32),
+                     support_labels=tf.range(WAY, dtype=tf.int32),
+                     query_images=tf.constant(query_images, tf.float32))["probabilities"].numpy()
+
+    together = probabilities(queries)
+    alone = {index: probabilities(queries[index:index + 1])[0] for index in (0, 25, 50)}
     for index, answer in alone.items():
         np.testing.assert_allclose(answer, together[index], rtol=1e-5, atol=1e-5)
+    completed = command.result()
     assert completed.returncode == 0, completed.stderr[-2000:]
     rows = [line.split("\t") for line in completed.stdout.strip().splitlines()]
     assert len(rows) == 51

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import (TINY_IMAGE_SHAPE as IMAGE_SHAPE, TINY_STEPS as STEPS, TINY_WAY as WAY,
+from conftest import (SMALL_IMAGE_SHAPE as IMAGE_SHAPE, SMALL_STEPS as STEPS, SMALL_WAY as WAY,
                       lacks_grouped_convolution_gradients, needs_grouped_convolution_gradients,
-                      smooth_problem, tiny_network)
+                      small_network, smooth_problem)
 from tf_mamlpp.core.batch_norm_modes import BN_MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
 from tf_mamlpp.core.inner_loop import (adapt_and_evaluate, cross_entropy, inner_update,
                                         support_states)
@@ -160,7 +160,7 @@ def test_the_fast_path_gives_the_plain_paths_meta_gradients(tasks, bn_mode, seco
     among other cancellations, so each gradient is compared to 1e-4 of the
     variable's largest entry, about a thousand float32 epsilons.
     """
-    network = tiny_network(bn_mode=bn_mode)
+    network = small_network(bn_mode=bn_mode)
     fast = meta_gradients(network, tasks, second_order, [0, 1], [0.3, 0.7])
     with plain_tensorflow():
         plain = meta_gradients(network, tasks, second_order, [0, 1], [0.3, 0.7])
@@ -174,7 +174,7 @@ def test_the_fast_path_gives_the_plain_paths_meta_gradients(tasks, bn_mode, seco
 @pytest.mark.parametrize("num_steps", [1, 2])
 def test_first_order_meta_gradient_is_the_gradient_of_a_stopped_copy(
         tasks, adapt_by_hand, num_steps, bn_mode):
-    network = tiny_network(num_steps=num_steps, bn_mode=bn_mode)
+    network = small_network(num_steps=num_steps, bn_mode=bn_mode)
     analytic = meta_gradients(network, tasks, False, target_steps=(num_steps - 1,))
     adapted = adapt_by_hand(network, tasks, 0, num_steps, bn_mode)
     final = adapted["weights"][-1]
@@ -216,7 +216,7 @@ def test_first_order_meta_gradient_is_the_gradient_of_a_stopped_copy(
 
 @pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_first_and_second_order_differ_for_the_initial_weights(tasks, bn_mode):
-    network = tiny_network(bn_mode=bn_mode)
+    network = small_network(bn_mode=bn_mode)
     second = meta_gradients(network, tasks, True)
     first = meta_gradients(network, tasks, False)
     for variable in network.fast_variables.values():
@@ -235,7 +235,7 @@ def test_first_and_second_order_differ_for_the_initial_weights(tasks, bn_mode):
 @pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_inner_update_is_one_gradient_step_with_the_steps_rates_and_changes_no_variable(
         tasks, bn_mode):
-    network = tiny_network(bn_mode=bn_mode)
+    network = small_network(bn_mode=bn_mode)
     before = variable_values(network)
     weights = network.initial_fast_weights()
     with tf.GradientTape() as tape:
@@ -266,7 +266,7 @@ def test_inner_update_is_one_gradient_step_with_the_steps_rates_and_changes_no_v
                           (RUNNING, False), (RUNNING, True)])
 def test_adapt_and_evaluate_scores_the_target_set_after_the_chosen_steps(
         tasks, adapt_by_hand, bn_mode, final_statistics):
-    network = tiny_network(bn_mode=bn_mode)
+    network = small_network(bn_mode=bn_mode)
     before = variable_values(network)
     result = adapt_and_evaluate(network, tasks, STEPS, second_order=True, target_steps=[0, 1],
                                 bn_mode=bn_mode, final_statistics=final_statistics)
@@ -316,13 +316,13 @@ def test_adapt_and_evaluate_scores_the_target_set_after_the_chosen_steps(
 
 def test_target_steps_must_include_the_last_step(tasks):
     with pytest.raises(ValueError, match="last step"):
-        adapt_and_evaluate(tiny_network(), tasks, STEPS, second_order=False, target_steps=[0])
+        adapt_and_evaluate(small_network(), tasks, STEPS, second_order=False, target_steps=[0])
 
 
 @pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_more_steps_than_trained_reuse_the_last_steps_rates_and_banks(
         tasks, adapt_by_hand, bn_mode):
-    network = tiny_network(bn_mode=bn_mode)
+    network = small_network(bn_mode=bn_mode)
     result = adapt_and_evaluate(network, tasks, 4, second_order=False,
                                 target_steps=[0, 1, 2, 3], bn_mode=bn_mode)
     assert tuple(result["target_accuracies"].shape) == (1, 4)
@@ -337,7 +337,7 @@ def test_more_steps_than_trained_reuse_the_last_steps_rates_and_banks(
 def test_a_target_images_logits_depend_on_the_other_targets_only_when_transductive(
         make_tasks, bn_mode):
     """Outside TRANSDUCTIVE no target image is normalised by another target image."""
-    network = tiny_network(bn_mode=bn_mode)
+    network = small_network(bn_mode=bn_mode)
     tasks = make_tasks(1, WAY, shot=3, query=3, image_shape=IMAGE_SHAPE, seed=3)
     alone = {**tasks, "target_images": tasks["target_images"][:, :1],
              "target_labels": tasks["target_labels"][:, :1]}
@@ -354,7 +354,7 @@ def test_a_target_images_logits_depend_on_the_other_targets_only_when_transducti
 @pytest.mark.parametrize("second_order", [True, False], ids=["second order", "first order"])
 def test_support_mode_meta_gradient_flows_through_the_support_statistics(tasks, second_order):
     """MetaBN's target pass is differentiated through the support statistics too."""
-    network = tiny_network(bn_mode=SUPPORT)
+    network = small_network(bn_mode=SUPPORT)
 
     def loss_by_hand(stop_statistics):
         weights = network.initial_fast_weights()
@@ -417,7 +417,7 @@ def folded_pair(make_tasks):
 def test_where_grouped_convolutions_have_no_gradients_folding_is_refused(make_tasks, bn_mode):
     """Folded adaptation fails deep in TensorFlow here, so the meta-learner refuses
     to fold, with a clear message, before it starts."""
-    network = tiny_network(bn_mode=bn_mode)
+    network = small_network(bn_mode=bn_mode)
     with pytest.raises(tf.errors.InvalidArgumentError):
         adapt_and_evaluate(network, folded_pair(make_tasks), STEPS, True, [0, 1], bn_mode)
     with pytest.raises(ValueError, match="fold_tasks=True"):
@@ -428,7 +428,7 @@ def test_where_grouped_convolutions_have_no_gradients_folding_is_refused(make_ta
 @pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_tasks_adapted_together_equal_each_adapted_alone(make_tasks, bn_mode):
     """Folded tasks (grouped convolutions) give each task its own loss and gradient."""
-    network = tiny_network(bn_mode=bn_mode)
+    network = small_network(bn_mode=bn_mode)
     pair = folded_pair(make_tasks)
     together = adapt_and_evaluate(network, pair, STEPS, True, [0, 1], bn_mode)
     gradients_together = meta_gradients(network, pair, True, [0, 1], [0.3, 0.7])

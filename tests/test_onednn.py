@@ -1,6 +1,7 @@
 """Specification of tf_mamlpp.hardware.onednn: main.py asks for oneDNN's kernels, the library
 does not behind the user's back, and a user's setting wins."""
 
+import concurrent.futures
 import os
 import textwrap
 
@@ -31,13 +32,27 @@ def onednn_state(prelude, setting=None):
     return completed.stdout.split()
 
 
-def test_main_turns_onednn_on_before_tensorflow_loads_on_any_x86_cpu():
-    assert onednn_state("import main") == ["1", "True"]
+# name: (prelude, TF_ENABLE_ONEDNN_OPTS or None for unset)
+CASES = {"main": ("import main", None),
+         "main with the user's setting": ("import main", "0"),
+         "library": ("import tf_mamlpp; tf_mamlpp.MetaLearner", None)}
 
 
-def test_a_users_setting_wins():
-    assert onednn_state("import main", setting="0") == ["0", "False"]
+@pytest.fixture(scope="module")
+def states():
+    """CASES name -> `onednn_state` of the case, the processes side by side."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(CASES)) as pool:
+        futures = {name: pool.submit(onednn_state, *case) for name, case in CASES.items()}
+        return {name: future.result() for name, future in futures.items()}
 
 
-def test_importing_the_library_changes_no_environment_variable():
-    assert onednn_state("import tf_mamlpp; tf_mamlpp.MetaLearner")[0] == "None"
+def test_main_turns_onednn_on_before_tensorflow_loads_on_any_x86_cpu(states):
+    assert states["main"] == ["1", "True"]
+
+
+def test_a_users_setting_wins(states):
+    assert states["main with the user's setting"] == ["0", "False"]
+
+
+def test_importing_the_library_changes_no_environment_variable(states):
+    assert states["library"][0] == "None"
