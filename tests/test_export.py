@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, TINY_RUN, copy_run, run_command, run_main, run_python
+from conftest import (REPO, TINY_RUN, answers_alone_as_among_others, copy_run, run_command,
+                      run_main, run_python)
 from synthetic_images import write_split_folders
 from tf_mamlpp.core.batch_norm_modes import BN_MODES
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
@@ -570,16 +571,7 @@ def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, query_tas
     as the SavedModel answers it alone; in every mode."""
     export_dir, support, queries, command = query_tasks[bn_mode]
     adapt = tf.saved_model.load(str(export_dir)).signatures["adapt_and_predict"]
-
-    def probabilities(query_images):
-        return adapt(support_images=tf.constant(support, tf.float32),
-                     support_labels=tf.range(WAY, dtype=tf.int32),
-                     query_images=tf.constant(query_images, tf.float32))["probabilities"].numpy()
-
-    together = probabilities(queries)
-    alone = {index: probabilities(queries[index:index + 1])[0] for index in (0, 25, 50)}
-    for index, answer in alone.items():
-        np.testing.assert_allclose(answer, together[index], rtol=1e-5, atol=1e-5)
+    alone = answers_alone_as_among_others(adapt, support, queries)
     completed = command.result()
     assert completed.returncode == 0, completed.stderr[-2000:]
     rows = [line.split("\t") for line in completed.stdout.strip().splitlines()]
