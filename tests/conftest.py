@@ -8,6 +8,8 @@ meta-gradient run in float64 on the plain path (tf_mamlpp.ops.plain_tensorflow)
 with tolerances float64 justifies, on one task: more are folded into grouped
 convolutions, which TensorFlow differentiates on few CPUs (test_inner_loop.py).
 
+Tests of an export's answers share `noisy_episode` and `answers_alone_as_among_others`.
+
 Tests that run main.py, a benchmark or any other program import `run_main`,
 `MainProcess`, `run_python` or `run_command` from here (`from conftest import
 ...`): each starts it from the repository as a user would, with a bounded wait.
@@ -190,6 +192,38 @@ def make_tasks():
     classes differ.
     """
     return functools.partial(random_tasks, class_offset=0.5)
+
+
+def noisy_episode(way, image_shape, seed=5, num_queries=51):
+    """A task of random images: (support, queries), one support image per class (label i at
+    row i) and `num_queries` queries, each a support image with noise."""
+    rng = np.random.default_rng(seed)
+    support = rng.uniform(0, 1, (way, *image_shape)).astype(np.float32)
+    per_class = -(-num_queries // way)
+    queries = np.clip(np.repeat(support, per_class, axis=0)
+                      + rng.normal(0, 0.2, (per_class * way, *image_shape)), 0, 1)
+    return support, queries[:num_queries].astype(np.float32)
+
+
+def answers_alone_as_among_others(adapt, support, queries, indices=(0, 25, 50)):
+    """Checks that an export answers each query on its own: the probabilities that its
+    `adapt_and_predict` signature `adapt` gives queries[index] alone equal its row among
+    all `queries`, for a support set of one image per class (label i at row i).
+
+    Returns:
+      {index: the probabilities of queries[index] alone}.
+    """
+
+    def probabilities(query_images):
+        return adapt(support_images=tf.constant(support, tf.float32),
+                     support_labels=tf.range(len(support), dtype=tf.int32),
+                     query_images=tf.constant(query_images, tf.float32))["probabilities"].numpy()
+
+    together = probabilities(queries)
+    alone = {index: probabilities(queries[index:index + 1])[0] for index in indices}
+    for index, answer in alone.items():
+        np.testing.assert_allclose(answer, together[index], rtol=1e-5, atol=1e-5)
+    return alone
 
 
 # The meta-gradient checks' problem (test_inner_loop.py, test_mixed_precision.py): tasks

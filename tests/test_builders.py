@@ -52,13 +52,24 @@ def test_the_built_in_network_takes_the_settings_by_name():
         False, True, False, "support")
 
 
+def test_the_built_in_network_takes_task_norms_options_by_name():
+    config = resolve("omniglot", way=3, inner_steps=2, filters=8, bn_mode="task_norm",
+                     task_norm_alpha="reptile", task_norm_unbiased=True)
+    network = builders.build_network(config)
+    assert all((norm.task_norm_alpha, norm.task_norm_unbiased) == ("reptile", True)
+               for norm in network.norms)
+
+
 def test_a_backbone_factory_becomes_a_keras_backbone_with_the_settings(factories):
     config = resolve("omniglot", way=3, inner_steps=2, bnwb=False, inner_lr=0.2,
-                     bn_mode="task_norm", backbone="my_backbones:small_resnet")
+                     bn_mode="task_norm", task_norm_alpha="per_step", task_norm_unbiased=True,
+                     backbone="my_backbones:small_resnet")
     network = builders.build_network(config)
     assert isinstance(network, tf_mamlpp.KerasBackbone)
     assert (network.way, network.image_shape, network.inner_steps) == (3, (28, 28, 1), 2)
     assert (network.bnwb, network.inner_lr, network.bn_mode) == (False, 0.2, "task_norm")
+    assert all((norm.task_norm_alpha, norm.task_norm_unbiased, norm.blend_logit.shape)
+               == ("per_step", True, (3,)) for norm in network.norms)
     assert sum(isinstance(layer, keras.layers.Add) for layer in network.backbone.layers) == 4
 
 

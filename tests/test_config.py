@@ -13,7 +13,7 @@ from absl import flags
 
 import tf_mamlpp
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import BN_MODES
+from tf_mamlpp.core.batch_norm_modes import BN_MODES, TASK_NORM_ALPHAS
 from tf_mamlpp.run import config_flags, preflight
 from tf_mamlpp.run.config import (DATASETS, NON_NEGATIVE, POSITIVE, ExperimentConfig,
                                   command_line_fields, resolve)
@@ -84,6 +84,32 @@ def test_json_round_trip():
     assert ExperimentConfig.from_json(text).to_json() == text
 
 
+def test_task_norms_flags_reach_the_config_and_round_trip_through_its_json():
+    flag_values = flags.FlagValues()
+    config_flags.define_config_flags(flag_values)
+    flag_values(["main.py", "--bn_mode=task_norm", "--task_norm_alpha=per_step",
+                 "--task_norm_unbiased"])
+    config = resolve("omniglot", **config_flags.config_values(flag_values))
+    assert (config.task_norm_alpha, config.task_norm_unbiased) == ("per_step", True)
+    assert ExperimentConfig.from_json(config.to_json()) == config
+    assert (resolve("omniglot").task_norm_alpha, resolve("omniglot").task_norm_unbiased) == (
+        "size", False)
+
+
+@pytest.mark.parametrize("settings, flags_named", [
+    (dict(task_norm_alpha="reptile"), "--task_norm_alpha=reptile"),
+    (dict(task_norm_alpha="direct", task_norm_unbiased=True),
+     "--task_norm_alpha=direct --task_norm_unbiased=True")])
+def test_task_norms_options_outside_task_norm_are_a_one_line_error_naming_them(settings,
+                                                                               flags_named):
+    config = resolve("omniglot", bn_mode="support", **settings)
+    with pytest.raises(ConfigError) as raised:
+        preflight.check_settings(config)
+    assert raised.value.spelled("--") == (f"{flags_named} conflicts with --bn_mode=support; it "
+                                          "applies to --bn_mode=task_norm only")
+    preflight.check_settings(dataclasses.replace(config, bn_mode="task_norm"))
+
+
 def test_total_iterations():
     assert resolve("omniglot", epochs=7, iters_per_epoch=11).total_iterations == 77
 
@@ -99,7 +125,8 @@ def test_the_architecture_fields_are_what_a_checkpoint_depends_on():
     architecture = {name for name, field in FIELDS.items() if field.metadata["architecture"]}
     assert architecture == {"dataset", "way", "shot", "filters", "num_stages", "inner_steps",
                             "image_size", "channels", "bnrs", "bnwb", "lslr", "iters_per_epoch",
-                            "batch_size", "mixed_precision", "bn_mode", "backbone"}
+                            "batch_size", "mixed_precision", "bn_mode", "task_norm_alpha",
+                            "task_norm_unbiased", "backbone"}
 
 
 def test_every_command_line_field_has_a_flag_and_only_those(parsed_flags):
@@ -116,6 +143,8 @@ def test_the_kind_of_flag_follows_the_fields_type(parsed_flags):
     assert kinds["data_dir"] == "string" and kinds["split_ratios"] == "string"
     assert kinds["bn_mode"] == kinds["omniglot_split"] == "string enum"
     assert parsed_flags["bn_mode"].parser.enum_values == list(BN_MODES)
+    assert kinds["task_norm_alpha"] == "string enum" and kinds["task_norm_unbiased"] == "bool"
+    assert parsed_flags["task_norm_alpha"].parser.enum_values == list(TASK_NORM_ALPHAS)
     assert parsed_flags["omniglot_split"].parser.enum_values == ["mamlpp", "lake"]
 
 

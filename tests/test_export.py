@@ -23,9 +23,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, TINY_RUN, copy_run, run_command, run_main, run_python
+from conftest import (REPO, TINY_RUN, answers_alone_as_among_others, copy_run, noisy_episode,
+                      run_command, run_main, run_python)
 from synthetic_images import write_split_folders
-from tf_mamlpp.core.batch_norm_modes import BN_MODES
+from tf_mamlpp.core.batch_norm_modes import BN_MODES, TASK_NORM
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
 from tf_mamlpp.data import decoded_images
 from tf_mamlpp.data.image_folders import index_splits
@@ -516,15 +517,19 @@ def test_saved_model_cli_lists_both_signatures(subprocesses):
         assert name in shown.stdout
 
 
-def randomised_network(bn_mode):
-    """A 3-way network in `bn_mode` whose banks and affine rows differ from their defaults."""
+def randomised_network(bn_mode, **task_norm_options):
+    """A 3-way network in `bn_mode` whose banks, affine rows and per-state alphas (TaskNorm's
+    task_norm_alpha=per_step or direct) differ from their defaults."""
     network = build_network(config_module.resolve(
-        "omniglot", way=WAY, shot=1, inner_steps=INNER_STEPS, filters=FILTERS, bn_mode=bn_mode))
+        "omniglot", way=WAY, shot=1, inner_steps=INNER_STEPS, filters=FILTERS, bn_mode=bn_mode,
+        **task_norm_options))
     rng = np.random.default_rng(0)
     for norm in network.norms:
         for bank, low, high in ((norm.gamma, 0.5, 1.5), (norm.beta, -0.3, 0.3),
                                 (norm.moving_mean, -0.1, 0.1), (norm.moving_variance, 0.5, 2)):
             bank.assign(rng.uniform(low, high, bank.shape).astype(np.float32))
+        if hasattr(norm, "blend_logit"):
+            norm.blend_logit.assign(rng.uniform(-1.5, 1.5, norm.blend_logit.shape))
     return network
 
 
@@ -570,16 +575,7 @@ def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, query_tas
     as the SavedModel answers it alone; in every mode."""
     export_dir, support, queries, command = query_tasks[bn_mode]
     adapt = tf.saved_model.load(str(export_dir)).signatures["adapt_and_predict"]
-
-    def probabilities(query_images):
-        return adapt(support_images=tf.constant(support, tf.float32),
-                     support_labels=tf.range(WAY, dtype=tf.int32),
-                     query_images=tf.constant(query_images, tf.float32))["probabilities"].numpy()
-
-    together = probabilities(queries)
-    alone = {index: probabilities(queries[index:index + 1])[0] for index in (0, 25, 50)}
-    for index, answer in alone.items():
-        np.testing.assert_allclose(answer, together[index], rtol=1e-5, atol=1e-5)
+    alone = answers_alone_as_among_others(adapt, support, queries)
     completed = command.result()
     assert completed.returncode == 0, completed.stderr[-2000:]
     rows = [line.split("\t") for line in completed.stdout.strip().splitlines()]
@@ -590,3 +586,17 @@ def test_a_querys_answer_does_not_depend_on_the_other_queries(bn_mode, query_tas
         # The class, and the probability to the three places printed.
         assert predicted == f"class{answer.argmax()}"
         assert float(probability) == pytest.approx(answer.max(), abs=1e-3)
+
+
+@pytest.mark.parametrize("task_norm_alpha, task_norm_unbiased",
+                         [("direct", False), ("per_step", True), ("reptile", False)])
+def test_task_norms_other_forms_answer_each_query_on_its_own(task_norm_alpha, task_norm_unbiased,
+                                                              tmp_path):
+    """TaskNorm-I's other alphas and its unbiased variances, exported: a query alone or among
+    50 others gets the same answer."""
+    network = randomised_network(TASK_NORM, task_norm_alpha=task_norm_alpha,
+                                 task_norm_unbiased=task_norm_unbiased)
+    export_dir = saved_model.export(network, INNER_STEPS, tmp_path / "export")
+    support, queries = noisy_episode(WAY, network.image_shape)
+    answers_alone_as_among_others(tf.saved_model.load(str(export_dir)).signatures[
+        "adapt_and_predict"], support, queries)

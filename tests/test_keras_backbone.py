@@ -18,12 +18,13 @@ def builtin_as_keras(way=WAY, filters=FILTERS, stages=2):
     return tf_mamlpp.conv4(IMAGE_SHAPE, way, filters, stages)
 
 
-def twin_learners(bn_mode):
+def twin_learners(bn_mode, **task_norm_options):
     """The built-in network, and its twin through `KerasBackbone`, with equal meta-parameters."""
     keras.utils.set_random_seed(0)
     builtin = tf_mamlpp.MamlppNetwork(WAY, IMAGE_SHAPE, STEPS, filters=FILTERS, num_stages=2,
-                                      bn_mode=bn_mode)
-    backbone = tf_mamlpp.KerasBackbone(builtin_as_keras(), STEPS, bn_mode=bn_mode)
+                                      bn_mode=bn_mode, **task_norm_options)
+    backbone = tf_mamlpp.KerasBackbone(builtin_as_keras(), STEPS, bn_mode=bn_mode,
+                                       **task_norm_options)
     rng = np.random.default_rng(1)
     for name, variable in builtin.fast_variables.items():
         variable.assign(rng.normal(0, 0.5, variable.shape).astype(np.float32))
@@ -54,7 +55,29 @@ def meta_gradients(learner, tasks, second_order):
 @pytest.mark.parametrize("bn_mode", BN_MODES)
 def test_the_builtin_network_as_a_keras_backbone_gives_the_same_meta_gradients(
         make_tasks, bn_mode, second_order):
-    builtin, backbone, pairs = twin_learners(bn_mode)
+    compared = compare_twins_meta_gradients(make_tasks, second_order, bn_mode)
+    # conv and head weights, the rates, and every norm's gamma/beta (and blend).
+    assert compared == 4 + 3 + 2 * (4 if bn_mode == TASK_NORM else 2)
+
+
+@pytest.mark.parametrize("task_norm_alpha, task_norm_unbiased", [("per_step", True),
+                                                                 ("reptile", False)])
+def test_task_norms_options_give_the_backbone_the_built_in_networks_meta_gradients(
+        make_tasks, task_norm_alpha, task_norm_unbiased):
+    compared = compare_twins_meta_gradients(
+        make_tasks, True, TASK_NORM, task_norm_alpha=task_norm_alpha,
+        task_norm_unbiased=task_norm_unbiased)
+    # conv and head weights, the rates, every norm's gamma/beta and per-state logits (if any).
+    assert compared == 4 + 3 + 2 * (3 if task_norm_alpha == "per_step" else 2)
+
+
+def compare_twins_meta_gradients(make_tasks, second_order, bn_mode, **task_norm_options):
+    """Checks that `twin_learners` get equal losses and meta-gradients on a task; returns
+    the number of trainable variables compared."""
+    builtin, backbone, pairs = twin_learners(bn_mode, **task_norm_options)
+    assert all((norm.task_norm_alpha, norm.task_norm_unbiased)
+               == (builtin.task_norm_alpha, builtin.task_norm_unbiased)
+               for norm in [*builtin.norms, *backbone.norms])
     tasks = make_tasks(1, WAY, 2, 2, IMAGE_SHAPE)
     loss, mine = meta_gradients(builtin, tasks, second_order)
     twin_loss, theirs = meta_gradients(backbone, tasks, second_order)
@@ -66,8 +89,7 @@ def test_the_builtin_network_as_a_keras_backbone_gives_the_same_meta_gradients(
             np.testing.assert_allclose(theirs[id(twin)], mine[id(variable)], rtol=2e-4,
                                        atol=2e-6, err_msg=variable.path)
             compared += 1
-    # conv and head weights, the rates, and every norm's gamma/beta (and blend).
-    assert compared == 4 + 3 + 2 * (4 if bn_mode == TASK_NORM else 2)
+    return compared
 
 
 def test_banks_and_rates_are_created_for_the_backbone():

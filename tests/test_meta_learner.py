@@ -23,7 +23,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import lacks_grouped_convolution_gradients, needs_grouped_convolution_gradients
-from tf_mamlpp.core.batch_norm_modes import BN_MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.batch_norm_modes import (BN_MODES, DIRECT_ALPHA, PER_STEP_ALPHA, RUNNING,
+                                             SUPPORT, TASK_NORM, TRANSDUCTIVE)
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
 from tf_mamlpp.core.meta_learner import MetaLearner
 from tf_mamlpp.core.network import MamlppNetwork
@@ -139,6 +140,16 @@ def test_every_trainable_variable_gets_a_meta_gradient_under_msl(batch, second_o
                 assert np.all(row == 0), path
             else:
                 assert np.abs(row).max() > 1e-6, (path, index)
+
+
+@pytest.mark.parametrize("alpha, rows", [(DIRECT_ALPHA, 1), (PER_STEP_ALPHA, STATES)])
+def test_every_row_of_a_learned_alpha_gets_a_meta_gradient(batch, alpha, rows):
+    """TaskNorm's direct alpha, and under second order each weight state's own (per_step)."""
+    network = tiny_network(bn_mode=TASK_NORM, task_norm_alpha=alpha)
+    gradients = task_gradients(meta_learner(network), batch, True, multi_step=True)
+    logit = network.norms[0].blend_logit
+    assert tuple(logit.shape) == (rows,)
+    assert np.abs(gradients[logit.path]).min() > 1e-6, gradients[logit.path]
 
 
 @pytest.fixture(scope="module")

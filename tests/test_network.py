@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_mamlpp.config_error import ConfigError
 from tf_mamlpp.core.batch_norm_modes import BN_MODES, RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
 from tf_mamlpp.core.network import MamlppNetwork
 from tf_mamlpp.core.per_step_batch_norm import Moments
@@ -378,12 +379,26 @@ def test_variable_inventory(mode):
     assert tuple(network.fast_variables["conv1/kernel"].shape) == (3, 3, FILTERS, FILTERS)
 
 
-@pytest.mark.parametrize("mode", [TRANSDUCTIVE, TASK_NORM])
-def test_config_rebuilds_the_same_network(mode):
-    network = tiny_network(bnwb=False, lslr=False, inner_lr=0.2,
-                           bn_mode=mode)
+@pytest.mark.parametrize("settings", [
+    dict(bn_mode=TRANSDUCTIVE), dict(bn_mode=TASK_NORM),
+    dict(bn_mode=TASK_NORM, task_norm_alpha="per_step", task_norm_unbiased=True),
+    dict(bn_mode=TASK_NORM, task_norm_alpha="reptile")], ids=str)
+def test_config_rebuilds_the_same_network(settings):
+    network = tiny_network(bnwb=False, lslr=False, inner_lr=0.2, **settings)
     clone = MamlppNetwork(**network.get_config())
-    assert clone.bn_mode == mode
+    for name, value in settings.items():
+        assert getattr(clone, name) == value
+        assert all(getattr(norm, name, value) == value for norm in clone.norms)
     assert [(v.path, tuple(v.shape), v.trainable) for v in clone.variables] == [
         (v.path.replace(network.name, clone.name, 1), tuple(v.shape), v.trainable)
         for v in network.variables]
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(task_norm_alpha="direct"), "task_norm_alpha=direct"),
+    (dict(task_norm_unbiased=True), "task_norm_unbiased=True")])
+def test_task_norm_options_outside_task_norm_are_refused_naming_them(settings, named):
+    with pytest.raises(ConfigError, match=f"^{named} conflicts with bn_mode=support; it "
+                                          "applies to bn_mode=task_norm only$") as raised:
+        tiny_network(bn_mode=SUPPORT, **settings)
+    assert raised.value.fields == (*settings, "bn_mode")

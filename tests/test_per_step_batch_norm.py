@@ -3,9 +3,9 @@
 Weight state i normalises with bank i of the affine weights, a support batch
 with its own statistics, a target batch as the mode says: by itself
 (TRANSDUCTIVE), by the support moments (SUPPORT), by those blended with its
-instance moments (TASK_NORM) or by running bank i (RUNNING). A running update
-moves each row towards that state's statistics only. Expected values are
-computed in NumPy.
+instance moments (TASK_NORM, in each form of its alpha, with biased or unbiased
+variances) or by running bank i (RUNNING). A running update moves each row
+towards that state's statistics only. Expected values are computed in NumPy.
 """
 
 import keras
@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import RUNNING, SUPPORT, TASK_NORM, TRANSDUCTIVE
+from tf_mamlpp.core.batch_norm_modes import (DIRECT_ALPHA, PER_STEP_ALPHA, REPTILE_ALPHA,
+                                             RUNNING, SUPPORT, TASK_NORM, TASK_NORM_ALPHAS,
+                                             TRANSDUCTIVE)
 from tf_mamlpp.core.per_step_batch_norm import Moments, PerStepBatchNorm
 
 STEPS, CHANNELS, EPSILON = 3, 4, 1e-3
@@ -340,3 +342,123 @@ def test_only_task_norm_has_blend_weights():
     assert not hasattr(build_layer(), "blend_scale")
     assert {v.path.split("/")[-1] for v in build_layer(task_norm=True).trainable_variables} == {
         "gamma", "beta", "blend_scale", "blend_offset"}
+
+
+@pytest.mark.parametrize("alpha, blend_shapes", [
+    (DIRECT_ALPHA, {"blend_logit": (1,)}), (PER_STEP_ALPHA, {"blend_logit": (STEPS,)}),
+    (REPTILE_ALPHA, {})])
+def test_each_alpha_form_has_exactly_its_blend_weights(alpha, blend_shapes):
+    """direct: one logit per layer; per_step: one per weight state; reptile: none, fixed."""
+    layer = build_layer(task_norm=True, task_norm_alpha=alpha)
+    assert {v.path.split("/")[-1]: tuple(v.shape) for v in layer.trainable_variables} == {
+        "gamma": (STEPS, CHANNELS), "beta": (STEPS, CHANNELS), **blend_shapes}
+
+
+def task_norm_pass(layer, support, target, state):
+    """A layer's TaskNorm support pass, then its target pass with those moments: the
+    target outputs and the support `Moments`."""
+    _, moments = layer(support, state=state, mode=TASK_NORM)
+    outputs, _ = layer(target, state=state, mode=TASK_NORM, target=True, support=moments)
+    return outputs.numpy(), moments
+
+
+@pytest.mark.parametrize("state", range(STEPS + 2))
+def test_reptile_normalises_each_target_with_the_support_set_and_itself(state):
+    """RN (Nichol et al., 2018): alpha = n / (n + 1) is each target image normalised with
+    the biased batch moments of the n support images and itself, taken here directly."""
+    layer = build_layer(task_norm=True, task_norm_alpha=REPTILE_ALPHA)
+    support, target = activations(seed=15), activations(seed=16)
+    row = layer.bank_index(state, STEPS)
+    gamma, beta = layer.gamma.numpy()[row], layer.beta.numpy()[row]
+    outputs, _ = task_norm_pass(layer, support, target, state)
+    for index, image in enumerate(target):
+        mean, variance = tf.nn.moments(np.concatenate([support, image[None]]), [0, 1, 2])
+        np.testing.assert_allclose(outputs[index], normalise(image, mean, variance, gamma, beta),
+                                   rtol=1e-4, atol=1e-4)
+    # A support image and the support set are the support set.
+    np.testing.assert_allclose(layer(support, state=state, mode=TASK_NORM)[0].numpy(),
+                               normalise(support, *batch_moments(support), gamma, beta),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [DIRECT_ALPHA, PER_STEP_ALPHA])
+def test_learned_alphas_start_at_one_half_as_the_size_form_does(alpha):
+    support, target = activations(seed=17), activations(seed=18)
+    for state in range(STEPS):
+        expected = task_norm_pass(build_layer(task_norm=True), support, target, state)[0]
+        np.testing.assert_allclose(
+            task_norm_pass(build_layer(task_norm=True, task_norm_alpha=alpha), support, target,
+                           state)[0], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_direct_alpha_is_the_sigmoid_of_its_logit():
+    """sigmoid(w) is the size form's sigmoid(a * n + b) at a = 0, b = w."""
+    support, target = activations(seed=19), activations(seed=20)
+    direct = build_layer(task_norm=True, task_norm_alpha=DIRECT_ALPHA)
+    direct.blend_logit.assign([1.3])
+    size = build_layer(task_norm=True)
+    size.blend_offset.assign(1.3)
+    np.testing.assert_allclose(task_norm_pass(direct, support, target, 1)[0],
+                               task_norm_pass(size, support, target, 1)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_per_step_alpha_state_i_reads_row_i():
+    """As a direct alpha of row i's logit, at every state; past the last, the last row."""
+    support, target = activations(seed=21), activations(seed=22)
+    logits = [-1.5, 0.4, 2.0]
+    per_step = build_layer(task_norm=True, task_norm_alpha=PER_STEP_ALPHA)
+    per_step.blend_logit.assign(logits)
+    direct = build_layer(task_norm=True, task_norm_alpha=DIRECT_ALPHA)
+    for state in range(STEPS + 2):
+        outputs = task_norm_pass(per_step, support, target, state)[0]
+        for row, logit in enumerate(logits):
+            direct.blend_logit.assign([logit])
+            expected = task_norm_pass(direct, support, target, state)[0]
+            if row == per_step.bank_index(state, STEPS):
+                np.testing.assert_allclose(outputs, expected, rtol=1e-5, atol=1e-5)
+            else:
+                assert not np.allclose(outputs, expected, atol=1e-3), (state, row)
+
+
+def test_unbiased_task_norm_corrects_the_support_and_instance_variances():
+    """torch.var's correction, as the official TaskNorm code: n*H*W - 1 and H*W - 1."""
+    layer = build_layer(task_norm=True, task_norm_unbiased=True)
+    layer.blend_scale.assign(0.3)
+    layer.blend_offset.assign(-1.2)
+    support, target = activations(seed=23), activations(seed=24)
+    outputs, moments = task_norm_pass(layer, support, target, 1)
+    x, s = target.astype(np.float64), support.astype(np.float64)
+    support_mean, support_variance = s.mean(axis=(0, 1, 2)), s.var(axis=(0, 1, 2), ddof=1)
+    np.testing.assert_allclose(moments.variance.numpy(), support_variance, rtol=1e-5)
+    alpha = 1 / (1 + np.exp(-(0.3 * len(s) - 1.2)))
+    instance_mean = x.mean(axis=(1, 2), keepdims=True)
+    instance_variance = x.var(axis=(1, 2), keepdims=True, ddof=1)
+    mean = alpha * support_mean + (1 - alpha) * instance_mean
+    variance = (alpha * (support_variance + (support_mean - mean) ** 2)
+                + (1 - alpha) * (instance_variance + (instance_mean - mean) ** 2))
+    expected = normalise(x, mean, variance, layer.gamma.numpy()[1], layer.beta.numpy()[1])
+    np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
+    biased = build_layer(task_norm=True)
+    biased.blend_scale.assign(0.3)
+    biased.blend_offset.assign(-1.2)
+    assert not np.allclose(task_norm_pass(biased, support, target, 1)[0], outputs, atol=1e-3)
+
+
+def test_unbiased_task_norm_refuses_one_value_per_image_and_channel():
+    layer = PerStepBatchNorm(STEPS, task_norm=True, task_norm_unbiased=True, name="norm3")
+    with pytest.raises(ValueError, match="norm3: task_norm_unbiased needs two or more values"):
+        layer(tf.ones((4, 1, 1, CHANNELS)), mode=TASK_NORM)
+
+
+def test_an_unknown_alpha_form_is_refused_naming_it():
+    with pytest.raises(ValueError, match="task_norm_alpha='learned': must be one of size"):
+        PerStepBatchNorm(STEPS, task_norm=True, task_norm_alpha="learned")
+
+
+@pytest.mark.parametrize("alpha", TASK_NORM_ALPHAS)
+def test_task_norm_config_round_trip(alpha):
+    layer = PerStepBatchNorm(STEPS, task_norm=True, task_norm_alpha=alpha,
+                             task_norm_unbiased=True)
+    clone = PerStepBatchNorm.from_config(layer.get_config())
+    assert (clone.task_norm, clone.task_norm_alpha, clone.task_norm_unbiased) == (
+        True, alpha, True)

@@ -65,6 +65,17 @@ def test_reopening_with_another_task_raises_and_writes_nothing(tmp_path, config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
+@pytest.mark.parametrize("changed", [dict(task_norm_alpha="reptile"),
+                                     dict(task_norm_unbiased=True)], ids=str)
+def test_reopening_with_other_task_norm_options_raises_naming_them(tmp_path, config, changed):
+    """TaskNorm's options change the network, as --bn_mode does."""
+    task_norm = dataclasses.replace(config, bn_mode="task_norm")
+    RunDirectory.open(tmp_path, "exp", task_norm)
+    (name, value), = changed.items()
+    with pytest.raises(RunDirectoryError, match=f"--{name}={value} \\(run has "):
+        RunDirectory.open(tmp_path, "exp", dataclasses.replace(task_norm, **changed))
+
+
 def test_fresh_starts_a_new_directory_and_leaves_the_old_one_intact(tmp_path, config):
     old = RunDirectory.open(tmp_path, "exp", config)
     (old.path / "history.json").write_text("[]")

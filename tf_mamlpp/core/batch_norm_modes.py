@@ -1,8 +1,10 @@
-"""The batch-norm modes: how a target (query) batch is normalised.
+"""The batch-norm modes: how a target (query) batch is normalised; TaskNorm-I's options.
 
 Kept free of TensorFlow so that the command line can offer the choices
 before TensorFlow loads; per_step_batch_norm.py implements them.
 """
+
+from tf_mamlpp.config_error import ConfigError
 
 BN_MODES = ("transductive", "support", "task_norm", "running")
 TRANSDUCTIVE, SUPPORT, TASK_NORM, RUNNING = BN_MODES
@@ -17,3 +19,35 @@ def check_mode(mode):
     if mode not in BN_MODES:
         raise ValueError(f"unknown batch-norm mode {mode!r}; expected one of {', '.join(BN_MODES)}")
     return mode
+
+
+# TaskNorm-I's blend weight alpha (`task_norm_alpha`): sigmoid(a * support size + b) per
+# layer, as the paper; sigmoid(w) per layer, as its Appendix E for a fixed support size;
+# sigmoid(w_i) per layer and weight state i; or n / (n + 1) for n support images, not
+# learned (Reptile's normalisation, RN).
+TASK_NORM_ALPHAS = ("size", "direct", "per_step", "reptile")
+SIZE_ALPHA, DIRECT_ALPHA, PER_STEP_ALPHA, REPTILE_ALPHA = TASK_NORM_ALPHAS
+
+
+def check_task_norm_alpha(alpha):
+    """`alpha`, refused (naming `task_norm_alpha`) unless it is one of TASK_NORM_ALPHAS."""
+    if alpha not in TASK_NORM_ALPHAS:
+        raise ConfigError(f"task_norm_alpha={alpha!r}: must be one of "
+                          f"{', '.join(TASK_NORM_ALPHAS)}", "task_norm_alpha")
+    return alpha
+
+
+def check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased):
+    """Refuses an unknown alpha, and TaskNorm options other than the defaults outside TASK_NORM.
+
+    Raises:
+      ConfigError: naming the settings.
+    """
+    check_task_norm_alpha(task_norm_alpha)
+    changed = {name: value for name, value, default in (
+        ("task_norm_alpha", task_norm_alpha, SIZE_ALPHA),
+        ("task_norm_unbiased", task_norm_unbiased, False)) if value != default}
+    if changed and bn_mode != TASK_NORM:
+        settings = " ".join(f"{name}={value}" for name, value in changed.items())
+        raise ConfigError(f"{settings} conflicts with bn_mode={bn_mode}; it applies to "
+                          f"bn_mode={TASK_NORM} only", *changed, "bn_mode")

@@ -28,7 +28,8 @@ is used.
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import RUNNING, TASK_NORM, TRANSDUCTIVE, check_mode
+from tf_mamlpp.core.batch_norm_modes import (RUNNING, SIZE_ALPHA, TASK_NORM, TRANSDUCTIVE,
+                                             check_mode, check_task_norm_options)
 from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import Moments, PerStepBatchNorm
 from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
@@ -41,11 +42,13 @@ class KerasBackbone(FastWeightsModel):
       model: a built Keras 3 model, (batch, h, w, c) images -> (batch, way) logits.
       inner_steps: inner steps; the banks have inner_steps + 1 rows, the rates
         inner_steps.
-      bnrs, bnwb, lslr, inner_lr, bn_momentum, bn_mode: as for `MamlppNetwork`.
+      bnrs, bnwb, lslr, inner_lr, bn_momentum, bn_mode, task_norm_alpha,
+        task_norm_unbiased: as for `MamlppNetwork`.
     """
 
     def __init__(self, model, inner_steps, bnrs=True, bnwb=True, lslr=True, inner_lr=0.1,
-                 bn_momentum=0.1, bn_mode=TRANSDUCTIVE, **kwargs):
+                 bn_momentum=0.1, bn_mode=TRANSDUCTIVE, task_norm_alpha=SIZE_ALPHA,
+                 task_norm_unbiased=False, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, keras.Model):
             raise ValueError(f"the backbone must be a Keras model, got {type(model).__name__}")
@@ -54,6 +57,8 @@ class KerasBackbone(FastWeightsModel):
                              "it is wrapped")
         self.backbone = model
         self.bn_mode = check_mode(bn_mode)
+        check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased)
+        self.task_norm_alpha, self.task_norm_unbiased = task_norm_alpha, task_norm_unbiased
         self.inner_steps = inner_steps
         self.image_shape = tuple(int(d) for d in model.input_shape[1:])
         self.way = int(model.output_shape[-1])
@@ -62,11 +67,14 @@ class KerasBackbone(FastWeightsModel):
         layers = _leaf_layers(model)
         self._norm_of = {}
         norms = []
+        norm_settings = dict(
+            num_states=inner_steps + 1, per_step_statistics=bnrs, per_step_affine=bnwb,
+            momentum=bn_momentum, task_norm=bn_mode == TASK_NORM,
+            task_norm_alpha=task_norm_alpha, task_norm_unbiased=task_norm_unbiased)
         for layer in layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 self._norm_of[id(layer)] = len(norms)
-                norms.append(_per_step_norm(layer, inner_steps, bnrs, bnwb, bn_momentum,
-                                            bn_mode))
+                norms.append(_per_step_norm(layer, norm_settings))
                 layer.trainable = False  # its role is the per-step norm's
         self._norms = norms
         self._weighted = [layer for layer in layers
@@ -123,7 +131,8 @@ class KerasBackbone(FastWeightsModel):
         return {"model": self.backbone.name, "way": self.way, "image_shape": self.image_shape,
                 "inner_steps": self.inner_steps, "bnrs": self.bnrs, "bnwb": self.bnwb,
                 "lslr": self.lslr, "inner_lr": self.inner_lr, "bn_momentum": self.bn_momentum,
-                "bn_mode": self.bn_mode}
+                "bn_mode": self.bn_mode, "task_norm_alpha": self.task_norm_alpha,
+                "task_norm_unbiased": self.task_norm_unbiased}
 
     def _forward(self, images, fast_weights, state, bn_mode, compute_dtype, support):
         """(logits, support moments or None, inputs of the last layer), one task at a time."""
@@ -246,15 +255,14 @@ def _batch_norm(norm, x, task_pass, support):
     return (y if rank == 4 else tf.reshape(y, tf.shape(x))), moments
 
 
-def _per_step_norm(layer, inner_steps, per_step_statistics, per_step_affine, momentum, bn_mode):
-    """A `PerStepBatchNorm` for a Keras BatchNormalization layer, from its gamma and beta."""
+def _per_step_norm(layer, norm_settings):
+    """A `PerStepBatchNorm` of `norm_settings` (its keywords) for a Keras BatchNormalization
+    layer, from its gamma and beta."""
     if layer.axis not in (-1, len(layer.input.shape) - 1):
         raise ValueError(f"BatchNormalization layer {layer.name!r} normalises axis "
                          f"{layer.axis}; only the channels-last axis is supported")
     # autocast=False: a 16-bit input stays 16-bit; the fused kernel takes either.
-    norm = PerStepBatchNorm(inner_steps + 1, per_step_statistics, per_step_affine,
-                            momentum=momentum, epsilon=layer.epsilon,
-                            task_norm=bn_mode == TASK_NORM, autocast=False,
+    norm = PerStepBatchNorm(**norm_settings, epsilon=layer.epsilon, autocast=False,
                             name=f"{layer.name}_per_step")
     channels = int(layer.input.shape[-1])
     norm.build((None, 1, 1, channels))

@@ -20,7 +20,8 @@ import keras
 import tensorflow as tf
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import RUNNING, TASK_NORM, TRANSDUCTIVE, check_mode
+from tf_mamlpp.core.batch_norm_modes import (RUNNING, SIZE_ALPHA, TASK_NORM, TRANSDUCTIVE,
+                                             check_mode, check_task_norm_options)
 from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import PerStepBatchNorm
 from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
@@ -44,15 +45,21 @@ class MamlppNetwork(FastWeightsModel):
       bn_momentum: weight of new statistics in a running-bank update.
       bn_mode: the batch-norm mode it is meta-trained in, and so evaluated and
         exported in (see per_step_batch_norm.py).
+      task_norm_alpha: with bn_mode task_norm, the form of TaskNorm-I's
+        blend weight, one of batch_norm_modes.TASK_NORM_ALPHAS.
+      task_norm_unbiased: with bn_mode task_norm, Bessel-corrected variances.
       **kwargs: keras.Model's; `dtype` (a Keras dtype policy) sets the
         variables' dtype, float32 by default.
     """
 
     def __init__(self, way, image_shape, inner_steps, filters=64, num_stages=4,
                  bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
-                 **kwargs):
+                 task_norm_alpha=SIZE_ALPHA, task_norm_unbiased=False, **kwargs):
         super().__init__(**kwargs)
         self.bn_mode = check_mode(bn_mode)
+        check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased)
+        self.task_norm_alpha = task_norm_alpha
+        self.task_norm_unbiased = task_norm_unbiased
         self.way = way
         self.image_shape = tuple(int(d) for d in image_shape)
         self.inner_steps = inner_steps
@@ -91,8 +98,9 @@ class MamlppNetwork(FastWeightsModel):
             # back to the layer's float32; the fused kernel takes either.
             norm = PerStepBatchNorm(
                 self.inner_steps + 1, self.bnrs, self.bnwb,
-                momentum=self.bn_momentum, task_norm=self.bn_mode == TASK_NORM, autocast=False,
-                dtype=self.dtype_policy, name=f"norm{i}")
+                momentum=self.bn_momentum, task_norm=self.bn_mode == TASK_NORM,
+                task_norm_alpha=self.task_norm_alpha, task_norm_unbiased=self.task_norm_unbiased,
+                autocast=False, dtype=self.dtype_policy, name=f"norm{i}")
             norm.build((None, *size, self.filters))
             setattr(self, f"norm{i}", norm)
             in_channels = self.filters
@@ -204,7 +212,9 @@ class MamlppNetwork(FastWeightsModel):
                 "filters": self.filters, "num_stages": self.num_stages,
                 "bnrs": self.bnrs, "bnwb": self.bnwb, "lslr": self.lslr,
                 "inner_lr": self.inner_lr,
-                "bn_momentum": self.bn_momentum, "bn_mode": self.bn_mode}
+                "bn_momentum": self.bn_momentum, "bn_mode": self.bn_mode,
+                "task_norm_alpha": self.task_norm_alpha,
+                "task_norm_unbiased": self.task_norm_unbiased}
 
 
 def fold_tasks(images):

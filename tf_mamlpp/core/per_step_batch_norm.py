@@ -16,12 +16,19 @@ and evaluation (Bronskill et al., "TaskNorm", ICML 2020, compare them):
 - SUPPORT (MetaBN): the support set's statistics at the same weights
   normalise the support and the target pass.
 - TASK_NORM (TaskNorm-I): the support moments blended with each image's own
-  instance moments, alpha = sigmoid(a * support size + b) learned per layer.
+  instance moments by a weight alpha, sigmoid(a * support size + b) learned per
+  layer, or another of the `task_norm_alpha` forms (batch_norm_modes.py); the
+  REPTILE_ALPHA form, n / (n + 1) for n support images, normalises each target
+  image with the moments of the support set and itself (Nichol et al., 2018).
 - RUNNING (BNRS): the target pass by the state's running bank.
 
 Outside TRANSDUCTIVE no target image is normalised by another target image.
 The support pass always uses the support set's statistics (TASK_NORM blends
-them with instance moments).
+them with instance moments, as the official TaskNorm code, except under
+REPTILE_ALPHA: a support image is already one of the support set). TASK_NORM's
+variances are biased, or with `task_norm_unbiased` Bessel-corrected as the
+official code's torch.var: the support set's over n*H*W - 1, an image's over
+H*W - 1; the running banks then take the corrected support variance.
 
 The reference PyTorch implementation shares one running-statistics buffer
 across steps whenever per-step statistics are requested without per-step
@@ -29,17 +36,21 @@ weights; here the two switches are independent and each does what it says.
 """
 
 import collections
+import math
 
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import SUPPORT, TASK_NORM, TRANSDUCTIVE, check_mode
+from tf_mamlpp.core.batch_norm_modes import (PER_STEP_ALPHA, REPTILE_ALPHA, SIZE_ALPHA, SUPPORT,
+                                             TASK_NORM, TRANSDUCTIVE, check_mode,
+                                             check_task_norm_alpha)
 from tf_mamlpp.ops.batch_norm_kernel import (batch_norm_inference, batch_norm_training, moments,
                                              normalise)
 
 # A support set's per-channel statistics at one weight state, which its
-# target pass is normalised with: mean and biased variance, (tasks*channels,)
-# in the variables' dtype, differentiable; `size` is the number of support images.
+# target pass is normalised with: mean and variance (biased, or Bessel-corrected
+# under `task_norm_unbiased`), (tasks*channels,) in the variables' dtype,
+# differentiable; `size` is the number of support images.
 Moments = collections.namedtuple("Moments", ["mean", "variance", "size"])
 
 
@@ -49,6 +60,14 @@ def per_task(row, tasks):
     One task (tf.map_fn's) takes the row as it is: a smaller graph traces faster.
     """
     return row if tasks == 1 else tf.tile(row, [tasks])
+
+
+def positions(inputs, axes):
+    """The number of values over `axes` of `inputs`: a Python int where the shape is static."""
+    sizes = [inputs.shape[axis] for axis in axes]
+    if None not in sizes:
+        return math.prod(sizes)
+    return tf.reduce_prod(tf.gather(tf.shape(inputs), axes))
 
 
 class PerStepBatchNorm(keras.layers.Layer):
@@ -65,10 +84,14 @@ class PerStepBatchNorm(keras.layers.Layer):
         reference code (the first stage's activations have a variance of
         about 3e-3, so a larger epsilon would flatten them).
       task_norm: create TaskNorm-I's blend weights (only TASK_NORM reads them).
+      task_norm_alpha: the form of TaskNorm-I's alpha, one of
+        batch_norm_modes.TASK_NORM_ALPHAS.
+      task_norm_unbiased: TaskNorm-I with Bessel-corrected variances.
     """
 
     def __init__(self, num_states, per_step_statistics=True, per_step_affine=True,
-                 momentum=0.1, epsilon=1e-5, task_norm=False, **kwargs):
+                 momentum=0.1, epsilon=1e-5, task_norm=False, task_norm_alpha=SIZE_ALPHA,
+                 task_norm_unbiased=False, **kwargs):
         super().__init__(**kwargs)
         if num_states < 1:
             raise ValueError(f"num_states must be at least 1, got {num_states}")
@@ -78,6 +101,8 @@ class PerStepBatchNorm(keras.layers.Layer):
         self.momentum = momentum
         self.epsilon = epsilon
         self.task_norm = task_norm
+        self.task_norm_alpha = check_task_norm_alpha(task_norm_alpha)
+        self.task_norm_unbiased = task_norm_unbiased
 
     def build(self, input_shape):
         channels = int(input_shape[-1])
@@ -88,10 +113,7 @@ class PerStepBatchNorm(keras.layers.Layer):
         self.beta = self.add_weight(
             name="beta", shape=(affine_banks, channels), initializer="zeros")
         if self.task_norm:
-            # TaskNorm-I's blend, alpha = sigmoid(a * support size + b); 0.5 at first.
-            self.blend_scale = self.add_weight(name="blend_scale", shape=(), initializer="zeros")
-            self.blend_offset = self.add_weight(name="blend_offset", shape=(),
-                                                initializer="zeros")
+            self._build_blend()
         # Replicas average their assignments, so banks stay identical across
         # devices under tf.distribute.
         self.moving_mean = self.add_weight(
@@ -100,6 +122,19 @@ class PerStepBatchNorm(keras.layers.Layer):
         self.moving_variance = self.add_weight(
             name="moving_variance", shape=(stat_banks, channels), initializer="ones",
             trainable=False, aggregation="mean")
+
+    def _build_blend(self):
+        """TaskNorm-I's learned alpha, 0.5 at first; REPTILE_ALPHA's is fixed and has none."""
+        if self.task_norm_alpha == SIZE_ALPHA:
+            # alpha = sigmoid(a * support size + b)
+            self.blend_scale = self.add_weight(name="blend_scale", shape=(), initializer="zeros")
+            self.blend_offset = self.add_weight(name="blend_offset", shape=(),
+                                                initializer="zeros")
+        elif self.task_norm_alpha != REPTILE_ALPHA:
+            # alpha = sigmoid(w): a bank of one row (DIRECT_ALPHA) or of one per state.
+            rows = self.num_states if self.task_norm_alpha == PER_STEP_ALPHA else 1
+            self.blend_logit = self.add_weight(name="blend_logit", shape=(rows,),
+                                               initializer="zeros")
 
     @staticmethod
     def bank_index(state, banks):
@@ -138,31 +173,60 @@ class PerStepBatchNorm(keras.layers.Layer):
         affine_row = self.bank_index(state, self.gamma.shape[0])
         gamma = per_task(self.gamma[affine_row], tasks)
         beta = per_task(self.beta[affine_row], tasks)
-        size = tf.cast(inputs.shape[0] or tf.shape(inputs)[0], gamma.dtype)
-        if not target and mode == TASK_NORM:
-            statistics = Moments(*moments(inputs, [0, 1, 2], gamma.dtype), size)
-            return self._task_norm(inputs, statistics, gamma, beta), statistics
+        size = tf.cast(positions(inputs, [0]), gamma.dtype)
+        if mode == TASK_NORM:
+            support = support if target else Moments(
+                *self._moments(inputs, [0, 1, 2], gamma.dtype), size)
+            return self._task_norm(inputs, state, support, target, gamma, beta)
         if not target or mode == TRANSDUCTIVE:
             outputs, mean, variance = batch_norm_training(inputs, gamma, beta, self.epsilon)
             return outputs, (None if target else Moments(mean, variance, size))
         if mode == SUPPORT:
             return normalise(inputs, support.mean, support.variance, gamma, beta,
                              self.epsilon), None
-        if mode == TASK_NORM:
-            return self._task_norm(inputs, support, gamma, beta), None
         row = self.bank_index(state, self.moving_mean.shape[0])
         return batch_norm_inference(
             inputs, per_task(self.moving_mean[row], tasks),
             per_task(self.moving_variance[row], tasks), gamma, beta, self.epsilon), None
 
-    def _task_norm(self, inputs, support, gamma, beta):
-        """TaskNorm-I: `support` moments blended with each image's instance moments."""
-        alpha = tf.sigmoid(self.blend_scale * support.size + self.blend_offset)
-        instance_mean, instance_variance = moments(inputs, [1, 2], gamma.dtype, keepdims=True)
+    def _task_norm(self, inputs, state, support, target, gamma, beta):
+        """TaskNorm-I with the `support` moments: (outputs, `support` for a support pass)."""
+        if not target and self.task_norm_alpha == REPTILE_ALPHA:
+            # The support set and one of its images are the support set.
+            outputs = normalise(inputs, support.mean, support.variance, gamma, beta, self.epsilon)
+        else:
+            outputs = self._blend(inputs, state, support, gamma, beta)
+        return outputs, (None if target else support)
+
+    def _blend(self, inputs, state, support, gamma, beta):
+        """`support` moments blended with each image's instance moments (Bronskill et al.)."""
+        alpha = self._alpha(state, support.size)
+        instance_mean, instance_variance = self._moments(inputs, [1, 2], gamma.dtype,
+                                                         keepdims=True)
         mean = alpha * support.mean + (1 - alpha) * instance_mean
         variance = (alpha * (support.variance + tf.square(support.mean - mean))
                     + (1 - alpha) * (instance_variance + tf.square(instance_mean - mean)))
         return normalise(inputs, mean, variance, gamma, beta, self.epsilon)
+
+    def _alpha(self, state, size):
+        """The support moments' weight at weight state `state`, for `size` support images."""
+        if self.task_norm_alpha == SIZE_ALPHA:
+            return tf.sigmoid(self.blend_scale * size + self.blend_offset)
+        if self.task_norm_alpha == REPTILE_ALPHA:
+            return size / (size + 1)
+        return tf.sigmoid(self.blend_logit[self.bank_index(state, self.blend_logit.shape[0])])
+
+    def _moments(self, inputs, axes, dtype, keepdims=False):
+        """Mean and variance over `axes`, the variance Bessel-corrected under task_norm_unbiased."""
+        mean, variance = moments(inputs, axes, dtype, keepdims)
+        if not self.task_norm_unbiased:
+            return mean, variance
+        count = positions(inputs, axes)
+        if isinstance(count, int) and count < 2:
+            raise ValueError(f"{self.name}: task_norm_unbiased needs two or more values per "
+                             f"channel over axes {axes} of its {tuple(inputs.shape)} inputs")
+        count = tf.cast(count, dtype)
+        return mean, variance * (count / (count - 1))
 
     def update_running_statistics(self, means, variances):
         """Moves the first rows of the running banks towards new statistics.
@@ -184,5 +248,7 @@ class PerStepBatchNorm(keras.layers.Layer):
         return {**super().get_config(), "num_states": self.num_states,
                 "per_step_statistics": self.per_step_statistics,
                 "per_step_affine": self.per_step_affine,
-                "momentum": self.momentum, "epsilon": self.epsilon, "task_norm": self.task_norm}
+                "momentum": self.momentum, "epsilon": self.epsilon, "task_norm": self.task_norm,
+                "task_norm_alpha": self.task_norm_alpha,
+                "task_norm_unbiased": self.task_norm_unbiased}
 

@@ -17,7 +17,7 @@ import os
 import types
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import BN_MODES
+from tf_mamlpp.core.batch_norm_modes import BN_MODES, SIZE_ALPHA, TASK_NORM_ALPHAS
 from tf_mamlpp.data.benchmark_splits import BENCHMARKS
 from tf_mamlpp.data.image_folders import DEFAULT_SPLIT_RATIOS
 from tf_mamlpp.data.tfds_source import DEFAULT_LABEL
@@ -207,6 +207,20 @@ class ExperimentConfig:
                   "(TaskNorm-I: support and per-image moments blended by a learned weight) or "
                   "running (BNRS: the per-step running banks).",
         configures=(NETWORK, BACKBONE))
+    task_norm_alpha: str = setting(
+        SIZE_ALPHA, architecture=True, constraint=TASK_NORM_ALPHAS,
+        help_text="--bn_mode=task_norm: the weight alpha of the support moments against each "
+                  "image's own: size (sigmoid(a * support size + b), a and b learned per "
+                  "layer, as the TaskNorm paper), direct (sigmoid(w), w learned per layer: its "
+                  "Appendix E, for a fixed support size), per_step (sigmoid(w), one w per layer "
+                  "and weight state) or reptile (n / (n + 1) for n support images, not "
+                  "learned: each query normalised with the support set and itself).",
+        configures=(NETWORK, BACKBONE))
+    task_norm_unbiased: bool = setting(
+        False, architecture=True, configures=(NETWORK, BACKBONE),
+        help_text="--bn_mode=task_norm: Bessel-corrected variances, as the official TaskNorm "
+                  "code's torch.var: the support set's over n*H*W - 1 values, each image's "
+                  "over H*W - 1; false: biased.")
     val_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed validation tasks.")
     test_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed test tasks.")
     seed: int = setting(0, help_text="Seed of the initialisation and the task streams.")

@@ -25,6 +25,7 @@ import os
 from absl import logging
 
 from tf_mamlpp.config_error import ConfigError
+from tf_mamlpp.core.batch_norm_modes import check_task_norm_options
 from tf_mamlpp.data import benchmark_splits, image_folders, omniglot_splits, tfds_source
 from tf_mamlpp.data.class_images import DataError
 from tf_mamlpp.run.config import NON_NEGATIVE, POSITIVE, TFDS, TFDS_PREFIX, value_type
@@ -93,6 +94,7 @@ def check_settings(config):
                               f"dataset={config.dataset}, which has fixed splits; it applies "
                               f"to dataset=folder and {TFDS} only", "split_ratios", "dataset")
         image_folders.parse_split_ratios(config.split_ratios)
+    check_task_norm_options(config.bn_mode, config.task_norm_alpha, config.task_norm_unbiased)
     if config.tfds_name is not None:
         _check_tfds_settings(config)
     elif config.data_dir is None:
