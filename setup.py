@@ -20,5 +20,5 @@ setup(
         "absl-py",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={"test": ["pytest", "pytest-xdist"]},
 )

@@ -17,6 +17,7 @@ Tests that start one are marked `slow`. Tests that need a finished run and
 nothing particular about it share one, `tiny_run`, trained once a session.
 """
 
+import fcntl
 import functools
 import os
 import pathlib
@@ -30,8 +31,12 @@ import numpy as np
 import pytest
 
 from tf_mamlpp.hardware.onednn import prefer_onednn
+from tf_mamlpp.run.quiet_start import start_tensorflow
 
 prefer_onednn()  # before TensorFlow loads, so that the tests run main.py's kernels
+# Quietly, as main.py starts it: pytest-xdist's workers load this file before pytest
+# captures their output, so TensorFlow's native start-up notes would reach the terminal.
+start_tensorflow()
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -137,14 +142,27 @@ class FinishedRun(NamedTuple):
 def tiny_run(tmp_path_factory):
     """TINY_RUN trained once for the session through main.py, exported to its run/export.
 
-    Shared: the tests that read it look, no more. A test that changes the
-    run, or runs main.py on it, takes a copy (`copy_run`).
+    Once for all of pytest-xdist's workers too: the first that asks trains it
+    in the folder they share while the others wait on a lock. Shared: the
+    tests that read it look, no more. A test that changes the run, or runs
+    main.py on it, takes a copy (`copy_run`).
     """
-    logdir = tmp_path_factory.mktemp("tiny_run")
-    completed = run_main(f"--logdir={logdir}", "--experiment=run",
-                         *(f"--{name}={value}" for name, value in TINY_RUN.items()))
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return FinishedRun(logdir / "run", completed)
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # above each worker's own folder
+    logdir = shared / "tiny_run"
+    output = {name: logdir / f"main.{name}" for name in ("stdout", "stderr")}
+    with open(shared / "tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not output["stderr"].exists():
+            completed = run_main(f"--logdir={logdir}", "--experiment=run",
+                                 *(f"--{name}={value}" for name, value in TINY_RUN.items()))
+            assert completed.returncode == 0, completed.stderr[-3000:]
+            for name, path in output.items():
+                path.write_text(getattr(completed, name))
+    process = subprocess.CompletedProcess(
+        "main.py", 0, *(output[name].read_text() for name in ("stdout", "stderr")))
+    return FinishedRun(logdir / "run", process)
 
 
 def copy_run(run_dir, folder):
