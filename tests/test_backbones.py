@@ -153,7 +153,9 @@ LOADER = textwrap.dedent("""
 @pytest.mark.slow
 def test_a_backbones_export_serves_without_the_project_and_through_tensorflow_1s_loader(
         episode, tmp_path):
-    backbone = tiny_backbone(bn_mode="support")
+    """On the 4-stage network written as a Keras model: the residual one's export is
+    test_builders.py's, through main.py."""
+    backbone = tiny_backbone(tiny_conv4, bn_mode="support")
     export_dir = tf_mamlpp.export(backbone, STEPS, tmp_path / "export")
     support, queries = episode
     inputs = {"support_images": support, "support_labels": np.arange(WAY, dtype=np.int32),
@@ -178,11 +180,12 @@ def test_a_backbones_export_serves_without_the_project_and_through_tensorflow_1s
                                rtol=1e-4, atol=1e-4)
 
 
-# Two logical CPUs stand in for two GPUs; they must be set before TensorFlow starts, and
-# each strategy gets a process of its own (two MirroredStrategy objects in one process can
-# mix up their collective ops). Plain gradient descent: the update is the meta-gradient.
-MIRRORED_FIT = textwrap.dedent("""
-    import json, sys
+# Two logical CPUs stand in for two GPUs; they must be set before TensorFlow starts, so
+# the fits run in a process of their own, all four in one: one MirroredStrategy object
+# serves both kinds (two in one process can mix up their collective ops). Plain gradient
+# descent: the update is the meta-gradient.
+MIRRORED_FITS = textwrap.dedent("""
+    import json
     import numpy as np, tensorflow as tf, keras
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
@@ -190,36 +193,41 @@ MIRRORED_FIT = textwrap.dedent("""
     import tf_mamlpp
     from tf_mamlpp.data.random_tasks import random_tasks
 
-    kind, distributed = sys.argv[1], sys.argv[2] == "mirrored"
-
-    def learner():
+    def network(kind):
         if kind == "builtin":
             return tf_mamlpp.MamlppNetwork(3, (16, 16, 1), 2, filters=4, num_stages=2)
         return tf_mamlpp.KerasBackbone(tf_mamlpp.conv4((16, 16, 1), 3, filters=4, stages=2), 2)
 
-    strategy = (tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]) if distributed
-                else tf.distribute.get_strategy())
-    keras.utils.set_random_seed(0)
-    with strategy.scope():
-        network = learner()
-        meta_learner = tf_mamlpp.MetaLearner(network, keras.optimizers.SGD(0.1))
-    batch = random_tasks(4, 3, 1, 2, image_shape=(16, 16, 1))
-    meta_learner.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0)
-    print(json.dumps([np.asarray(v.numpy()).tolist() for v in network.variables]))
+    def fitted_variables(kind, strategy):
+        keras.utils.set_random_seed(0)
+        with strategy.scope():
+            fitted = network(kind)
+            meta_learner = tf_mamlpp.MetaLearner(fitted, keras.optimizers.SGD(0.1))
+        batch = random_tasks(4, 3, 1, 2, image_shape=(16, 16, 1))
+        meta_learner.fit(tf.data.Dataset.from_tensors(batch), epochs=1, verbose=0)
+        return [np.asarray(v.numpy()).tolist() for v in fitted.variables]
+
+    strategies = {"single": tf.distribute.get_strategy(),
+                  "mirrored": tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])}
+    print(json.dumps({kind: {name: fitted_variables(kind, strategy)
+                             for name, strategy in strategies.items()}
+                      for kind in ("builtin", "backbone")}))
 """)
 
 
-def fitted_variables(kind, strategy):
-    completed = run_python("-c", MIRRORED_FIT, kind, strategy)
+@pytest.fixture(scope="module")
+def mirrored_fits():
+    """kind -> {"single" or "mirrored": the variables after one fit}."""
+    completed = run_python("-c", MIRRORED_FITS)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["builtin", "backbone"])
-def test_fit_under_a_mirrored_strategy_gives_the_single_device_update(kind):
+def test_fit_under_a_mirrored_strategy_gives_the_single_device_update(mirrored_fits, kind):
     """Two replicas, each with half of the tasks, move every variable as one device does."""
-    single, mirrored = (fitted_variables(kind, strategy) for strategy in ("single", "mirrored"))
+    single, mirrored = (mirrored_fits[kind][strategy] for strategy in ("single", "mirrored"))
     assert len(single) == len(mirrored)
     moved = 0
     for alone, replicated in zip(single, mirrored):
