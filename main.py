@@ -179,8 +179,13 @@ def run(owner):
               f"norm ({run_dir.path / 'results.json'})")
         if "serving" in results:
             serving = results["serving"]
-            print(f"as exported ({serving['bn_mode']} batch norm): "
+            print(f"the same in the export's {serving['bn_mode']} batch norm: "
                   f"{100 * serving['test_accuracy']:.2f}% ± {100 * serving['test_interval']:.2f}")
+        served = results["served"]
+        print(f"served: {100 * served['test_accuracy']:.2f}% ± "
+              f"{100 * served['test_interval']:.2f}, what the exported model (epoch "
+              f"{served['epoch']}, {served['bn_mode']} batch norm) scores asked one query at "
+              "a time")
 
 
 def fail(error):

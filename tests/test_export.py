@@ -32,6 +32,7 @@ from tf_mamlpp.data import decoded_images
 from tf_mamlpp.data.image_folders import index_splits
 from tf_mamlpp.ops import plain_tensorflow
 from tf_mamlpp.run import config as config_module
+from tf_mamlpp.run import task_streams
 from tf_mamlpp.serving import saved_model
 from tf_mamlpp.run.run_directory import RunDirectory
 from tf_mamlpp.run.builders import build_network
@@ -477,6 +478,36 @@ def test_training_exported_the_best_checkpoint_and_no_staging_is_left(trained):
     names = [path.name for path in trained.run_dir.path.iterdir()]
     assert "export" in names
     assert not [name for name in names if name.startswith(".export-")]
+
+
+def exports_task_accuracies(trained):
+    """The run's export asked about each query of each test task on its own: [accuracy]."""
+    adapt = tf.saved_model.load(str(trained.run_dir.path / "export")).signatures[
+        "adapt_and_predict"]
+    config = trained.config
+    accuracies = []
+    for batch in task_streams.evaluation_tasks(config, trained.splits["test"], "test",
+                                               config.test_tasks):
+        for task in range(batch["support_labels"].shape[0]):
+            queries = batch["target_images"][task]
+            answers = [adapt(support_images=batch["support_images"][task],
+                             support_labels=tf.cast(batch["support_labels"][task], tf.int32),
+                             query_images=queries[index:index + 1])["probabilities"][0]
+                       for index in range(queries.shape[0])]
+            accuracies.append(np.mean(np.argmax(answers, axis=1)
+                                      == batch["target_labels"][task].numpy()))
+    return accuracies
+
+
+def test_the_served_figure_is_the_exports_asked_one_query_at_a_time_task_for_task(trained):
+    """results.json's `served`: the best checkpoint alone, in the export's mode."""
+    served = json.loads((trained.run_dir.path / "results.json").read_text())["served"]
+    assert (served["epoch"], served["bn_mode"]) == (trained.run_dir.best_checkpoints()[0][1],
+                                                    "support")
+    assert len(served["task_accuracies"]) == TINY_RUN["test_tasks"]
+    np.testing.assert_allclose(exports_task_accuracies(trained), served["task_accuracies"],
+                               atol=1e-6)
+    assert served["test_accuracy"] == pytest.approx(np.mean(served["task_accuracies"]))
 
 
 def test_main_export_writes_a_loadable_model_of_the_best_checkpoint(subprocesses,
