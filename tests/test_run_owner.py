@@ -130,7 +130,9 @@ OWN_LINES = [
     r"^(epoch \d+/\d+|(val|test) tasks \(\w+ batch norm\)) \d+/\d+ .* s/(it|task) elapsed ",
     r"^epoch +\d+  val +[\d.]+%  test +[\d.]+% ± [\d.]+$", r"^ensemble of \d+: [\d.]+% ± [\d.]+$",
     r"^test accuracy [\d.]+% ± [\d.]+ over \d+ tasks, .*results\.json\)$",
-    r"^as exported \(\w+ batch norm\): [\d.]+% ± [\d.]+$",
+    r"^the same in the export's \w+ batch norm: [\d.]+% ± [\d.]+$",
+    r"^served: [\d.]+% ± [\d.]+, what the exported model \(epoch \d+, \w+ batch norm\) "
+    r"scores asked one query at a time$",
 ]
 
 
@@ -152,7 +154,7 @@ def test_a_short_run_prints_only_the_project_s_lines(the_scene):
     output = first.stdout + first.stderr
     assert foreign_lines(output) == []
     for what in ("configuration:", "epoch 3/3 3/3", "validation accuracy", "ensemble of 2",
-                 "exported the epoch-", "results.json"):
+                 "exported the epoch-", "results.json", "served: "):
         assert what in output, what
 
 
