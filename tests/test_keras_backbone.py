@@ -114,6 +114,16 @@ def test_switched_off_techniques_shrink_the_banks_and_freeze_the_rates():
     assert not any(rate.trainable for rate in backbone.inner_rates.values())
 
 
+def test_a_backbone_without_batch_norm_scores_every_task(make_tasks):
+    """No norm, no support moments to split per task: still one answer per task."""
+    backbone = tf_mamlpp.KerasBackbone(keras.Sequential([
+        keras.Input(IMAGE_SHAPE), keras.layers.Conv2D(4, 3), keras.layers.ReLU(),
+        keras.layers.Flatten(), keras.layers.Dense(WAY)]), STEPS, bn_mode="support")
+    learner = tf_mamlpp.MetaLearner(backbone)
+    result = learner.evaluate_batch(make_tasks(3, WAY, 1, 2, IMAGE_SHAPE), STEPS, "support")
+    assert result["accuracies"].shape == (3, STEPS)
+
+
 def test_a_functional_backbone_with_a_skip_connection_adapts(make_tasks):
     inputs = keras.Input(IMAGE_SHAPE)
     x = keras.layers.Conv2D(4, 3, padding="same")(inputs)

@@ -144,7 +144,7 @@ class KerasBackbone(FastWeightsModel):
         logits, moments, features = [], [], []
         for task_images, weights, task_support in zip(
                 tf.unstack(images, num=tasks), _task_weights(fast_weights, tasks),
-                _task_supports(support, tasks)):
+                _task_supports(support, tasks), strict=True):
             with self._router.routing(weights, state, bn_mode, task_support) as task_pass:
                 logits.append(tf.cast(graph(task_images), self.variable_dtype))
             moments.append(task_pass.moments)
@@ -293,7 +293,7 @@ def _task_supports(support, tasks):
                 [Moments(mean, variance, moments.size) for mean, variance in
                  zip(tf.split(moments.mean, tasks), tf.split(moments.variance, tasks))]
                 for moments in support]
-    return [list(norms) for norms in zip(*per_norm)]
+    return [[norms[task] for norms in per_norm] for task in range(tasks)]
 
 
 def _fast_pools(model):
