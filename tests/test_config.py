@@ -88,18 +88,27 @@ def test_task_norms_flags_reach_the_config_and_round_trip_through_its_json():
     flag_values = flags.FlagValues()
     config_flags.define_config_flags(flag_values)
     flag_values(["main.py", "--bn_mode=task_norm", "--task_norm_alpha=per_step",
-                 "--task_norm_unbiased"])
+                 "--task_norm_unbiased", "--task_norm_start=half"])
     config = resolve("omniglot", **config_flags.config_values(flag_values))
-    assert (config.task_norm_alpha, config.task_norm_unbiased) == ("per_step", True)
+    assert (config.task_norm_alpha, config.task_norm_unbiased, config.task_norm_start) == (
+        "per_step", True, "half")
     assert ExperimentConfig.from_json(config.to_json()) == config
-    assert (resolve("omniglot").task_norm_alpha, resolve("omniglot").task_norm_unbiased) == (
-        "size", False)
+    default = resolve("omniglot")
+    assert (default.task_norm_alpha, default.task_norm_unbiased, default.task_norm_start) == (
+        "size", False, "reptile")
+
+
+def test_a_run_saved_before_task_norm_start_existed_reads_as_the_half_start_it_ran_with():
+    saved = json.loads(resolve("omniglot", bn_mode="task_norm").to_json())
+    del saved["task_norm_start"]
+    assert ExperimentConfig.from_json(json.dumps(saved)).task_norm_start == "half"
 
 
 @pytest.mark.parametrize("settings, flags_named", [
     (dict(task_norm_alpha="reptile"), "--task_norm_alpha=reptile"),
     (dict(task_norm_alpha="direct", task_norm_unbiased=True),
-     "--task_norm_alpha=direct --task_norm_unbiased=True")])
+     "--task_norm_alpha=direct --task_norm_unbiased=True"),
+    (dict(task_norm_start="half"), "--task_norm_start=half")])
 def test_task_norms_options_outside_task_norm_are_a_one_line_error_naming_them(settings,
                                                                                flags_named):
     config = resolve("omniglot", bn_mode="support", **settings)
@@ -126,7 +135,7 @@ def test_the_architecture_fields_are_what_a_checkpoint_depends_on():
     assert architecture == {"dataset", "way", "shot", "filters", "num_stages", "inner_steps",
                             "image_size", "channels", "bnrs", "bnwb", "lslr", "iters_per_epoch",
                             "batch_size", "mixed_precision", "bn_mode", "task_norm_alpha",
-                            "task_norm_unbiased", "backbone"}
+                            "task_norm_unbiased", "task_norm_start", "backbone"}
 
 
 def test_every_command_line_field_has_a_flag_and_only_those(parsed_flags):

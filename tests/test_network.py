@@ -74,9 +74,10 @@ def batch_moments(x):
 
 
 def task_norm_moments(norm, x, support_mean, support_variance, support_size):
-    """TaskNorm-I: support moments blended with each image's instance moments."""
+    """TaskNorm-I: support moments blended with each image's instance moments, alpha
+    starting at RN's n / (n + 1)."""
     alpha = 1 / (1 + np.exp(-(norm.blend_scale.numpy() * support_size
-                              + norm.blend_offset.numpy())))
+                              + norm.blend_offset.numpy() + np.log(support_size))))
     instance_mean = x.mean(axis=(1, 2), keepdims=True)
     instance_variance = x.var(axis=(1, 2), keepdims=True)
     mean = alpha * support_mean + (1 - alpha) * instance_mean
@@ -382,6 +383,7 @@ def test_variable_inventory(mode):
 @pytest.mark.parametrize("settings", [
     dict(bn_mode=TRANSDUCTIVE), dict(bn_mode=TASK_NORM),
     dict(bn_mode=TASK_NORM, task_norm_alpha="per_step", task_norm_unbiased=True),
+    dict(bn_mode=TASK_NORM, task_norm_start="half"),
     dict(bn_mode=TASK_NORM, task_norm_alpha="reptile")], ids=str)
 def test_config_rebuilds_the_same_network(settings):
     network = tiny_network(bnwb=False, lslr=False, inner_lr=0.2, **settings)
@@ -396,9 +398,16 @@ def test_config_rebuilds_the_same_network(settings):
 
 @pytest.mark.parametrize("settings, named", [
     (dict(task_norm_alpha="direct"), "task_norm_alpha=direct"),
-    (dict(task_norm_unbiased=True), "task_norm_unbiased=True")])
+    (dict(task_norm_unbiased=True), "task_norm_unbiased=True"),
+    (dict(task_norm_start="half"), "task_norm_start=half")])
 def test_task_norm_options_outside_task_norm_are_refused_naming_them(settings, named):
     with pytest.raises(ConfigError, match=f"^{named} conflicts with bn_mode=support; it "
                                           "applies to bn_mode=task_norm only$") as raised:
         tiny_network(bn_mode=SUPPORT, **settings)
     assert raised.value.fields == (*settings, "bn_mode")
+
+
+def test_a_start_for_the_fixed_reptile_alpha_is_refused():
+    with pytest.raises(ConfigError, match="^task_norm_start=half conflicts with "
+                                          "task_norm_alpha=reptile, whose alpha is fixed"):
+        tiny_network(bn_mode=TASK_NORM, task_norm_alpha="reptile", task_norm_start="half")

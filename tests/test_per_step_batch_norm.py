@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import (DIRECT_ALPHA, PER_STEP_ALPHA, REPTILE_ALPHA,
-                                             RUNNING, SUPPORT, TASK_NORM, TASK_NORM_ALPHAS,
-                                             TRANSDUCTIVE)
+from tf_mamlpp.core.batch_norm_modes import (DIRECT_ALPHA, HALF_START, PER_STEP_ALPHA,
+                                             REPTILE_ALPHA, RUNNING, SIZE_ALPHA, SUPPORT,
+                                             TASK_NORM, TASK_NORM_ALPHAS, TRANSDUCTIVE)
 from tf_mamlpp.core.per_step_batch_norm import Moments, PerStepBatchNorm
 
 STEPS, CHANNELS, EPSILON = 3, 4, 1e-3
@@ -289,8 +289,10 @@ def test_support_target_pass_normalises_with_the_support_moments():
 
 
 def test_task_norm_blends_support_and_instance_moments():
-    """TaskNorm-I (Bronskill et al., 2020, eq. 4-5) with alpha = sigmoid(a * support size + b)."""
-    layer, support, target = build_layer(task_norm=True), activations(seed=10), activations(11)
+    """TaskNorm-I (Bronskill et al., 2020, eq. 4-5) with alpha = sigmoid(a * support size + b),
+    the paper's form: the half start."""
+    layer = build_layer(task_norm=True, task_norm_start=HALF_START)
+    support, target = activations(seed=10), activations(11)
     layer.blend_scale.assign(0.3)
     layer.blend_offset.assign(-1.2)
     outputs, _ = layer(target, state=1, mode=TASK_NORM, target=True,
@@ -381,14 +383,36 @@ def test_reptile_normalises_each_target_with_the_support_set_and_itself(state):
                                rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("alpha", [DIRECT_ALPHA, PER_STEP_ALPHA])
-def test_learned_alphas_start_at_one_half_as_the_size_form_does(alpha):
+@pytest.mark.parametrize("alpha", [SIZE_ALPHA, DIRECT_ALPHA, PER_STEP_ALPHA])
+def test_learned_alphas_start_at_rns_blend(alpha):
+    """Zero weights under the default start normalise each target as RN does."""
     support, target = activations(seed=17), activations(seed=18)
-    for state in range(STEPS):
-        expected = task_norm_pass(build_layer(task_norm=True), support, target, state)[0]
+    for state in range(STEPS + 1):
+        expected = task_norm_pass(build_layer(task_norm=True, task_norm_alpha=REPTILE_ALPHA),
+                                  support, target, state)[0]
         np.testing.assert_allclose(
             task_norm_pass(build_layer(task_norm=True, task_norm_alpha=alpha), support, target,
-                           state)[0], expected, rtol=1e-6, atol=1e-6)
+                           state)[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [SIZE_ALPHA, DIRECT_ALPHA, PER_STEP_ALPHA])
+def test_the_half_start_is_the_reptile_start_without_its_log_n(alpha):
+    """alpha = 1/2 at zero weights, as the TaskNorm paper: the RN start's logit less log n."""
+    support, target = activations(seed=25), activations(seed=26)
+    half = build_layer(task_norm=True, task_norm_alpha=alpha, task_norm_start=HALF_START)
+    shifted = build_layer(task_norm=True, task_norm_alpha=alpha)
+    log_n = np.log(len(support))
+    if alpha == SIZE_ALPHA:
+        shifted.blend_offset.assign(-log_n)
+    else:
+        shifted.blend_logit.assign(np.full(shifted.blend_logit.shape, -log_n, np.float32))
+    for state in range(STEPS):
+        np.testing.assert_allclose(task_norm_pass(half, support, target, state)[0],
+                                   task_norm_pass(shifted, support, target, state)[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert not np.allclose(task_norm_pass(half, support, target, 0)[0],
+                           task_norm_pass(build_layer(task_norm=True, task_norm_alpha=alpha),
+                                          support, target, 0)[0], atol=1e-3)
 
 
 def test_the_direct_alpha_is_the_sigmoid_of_its_logit():
@@ -430,7 +454,7 @@ def test_unbiased_task_norm_corrects_the_support_and_instance_variances():
     x, s = target.astype(np.float64), support.astype(np.float64)
     support_mean, support_variance = s.mean(axis=(0, 1, 2)), s.var(axis=(0, 1, 2), ddof=1)
     np.testing.assert_allclose(moments.variance.numpy(), support_variance, rtol=1e-5)
-    alpha = 1 / (1 + np.exp(-(0.3 * len(s) - 1.2)))
+    alpha = 1 / (1 + np.exp(-(0.3 * len(s) - 1.2 + np.log(len(s)))))
     instance_mean = x.mean(axis=(1, 2), keepdims=True)
     instance_variance = x.var(axis=(1, 2), keepdims=True, ddof=1)
     mean = alpha * support_mean + (1 - alpha) * instance_mean
@@ -458,7 +482,7 @@ def test_an_unknown_alpha_form_is_refused_naming_it():
 @pytest.mark.parametrize("alpha", TASK_NORM_ALPHAS)
 def test_task_norm_config_round_trip(alpha):
     layer = PerStepBatchNorm(STEPS, task_norm=True, task_norm_alpha=alpha,
-                             task_norm_unbiased=True)
+                             task_norm_unbiased=True, task_norm_start=HALF_START)
     clone = PerStepBatchNorm.from_config(layer.get_config())
-    assert (clone.task_norm, clone.task_norm_alpha, clone.task_norm_unbiased) == (
-        True, alpha, True)
+    assert (clone.task_norm, clone.task_norm_alpha, clone.task_norm_unbiased,
+            clone.task_norm_start) == (True, alpha, True, HALF_START)

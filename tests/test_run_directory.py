@@ -65,8 +65,9 @@ def test_reopening_with_another_task_raises_and_writes_nothing(tmp_path, config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]
 
 
-@pytest.mark.parametrize("changed", [dict(task_norm_alpha="reptile"),
-                                     dict(task_norm_unbiased=True)], ids=str)
+@pytest.mark.parametrize("changed", [dict(task_norm_alpha="direct"),
+                                     dict(task_norm_unbiased=True),
+                                     dict(task_norm_start="half")], ids=str)
 def test_reopening_with_other_task_norm_options_raises_naming_them(tmp_path, config, changed):
     """TaskNorm's options change the network, as --bn_mode does."""
     task_norm = dataclasses.replace(config, bn_mode="task_norm")

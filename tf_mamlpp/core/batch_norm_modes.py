@@ -29,6 +29,12 @@ TASK_NORM_ALPHAS = ("size", "direct", "per_step", "reptile")
 SIZE_ALPHA, DIRECT_ALPHA, PER_STEP_ALPHA, REPTILE_ALPHA = TASK_NORM_ALPHAS
 
 
+# Where a learned alpha starts: at RN's n / (n + 1), its logit offset by log n so that
+# zero weights give RN's blend at any support size; or at 1/2, as the TaskNorm paper.
+TASK_NORM_STARTS = ("reptile", "half")
+REPTILE_START, HALF_START = TASK_NORM_STARTS
+
+
 def check_task_norm_alpha(alpha):
     """`alpha`, refused (naming `task_norm_alpha`) unless it is one of TASK_NORM_ALPHAS."""
     if alpha not in TASK_NORM_ALPHAS:
@@ -37,16 +43,32 @@ def check_task_norm_alpha(alpha):
     return alpha
 
 
-def check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased):
-    """Refuses an unknown alpha, and TaskNorm options other than the defaults outside TASK_NORM.
+def check_task_norm_start(start):
+    """`start`, refused (naming `task_norm_start`) unless it is one of TASK_NORM_STARTS."""
+    if start not in TASK_NORM_STARTS:
+        raise ConfigError(f"task_norm_start={start!r}: must be one of "
+                          f"{', '.join(TASK_NORM_STARTS)}", "task_norm_start")
+    return start
+
+
+def check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased,
+                            task_norm_start=REPTILE_START):
+    """Refuses an unknown alpha or start, a start where nothing is learned, and TaskNorm
+    options other than the defaults outside TASK_NORM.
 
     Raises:
       ConfigError: naming the settings.
     """
     check_task_norm_alpha(task_norm_alpha)
+    check_task_norm_start(task_norm_start)
+    if task_norm_alpha == REPTILE_ALPHA and task_norm_start != REPTILE_START:
+        raise ConfigError(f"task_norm_start={task_norm_start} conflicts with "
+                          f"task_norm_alpha={REPTILE_ALPHA}, whose alpha is fixed at n / (n + 1)",
+                          "task_norm_start", "task_norm_alpha")
     changed = {name: value for name, value, default in (
         ("task_norm_alpha", task_norm_alpha, SIZE_ALPHA),
-        ("task_norm_unbiased", task_norm_unbiased, False)) if value != default}
+        ("task_norm_unbiased", task_norm_unbiased, False),
+        ("task_norm_start", task_norm_start, REPTILE_START)) if value != default}
     if changed and bn_mode != TASK_NORM:
         settings = " ".join(f"{name}={value}" for name, value in changed.items())
         raise ConfigError(f"{settings} conflicts with bn_mode={bn_mode}; it applies to "

@@ -28,8 +28,8 @@ is used.
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import (RUNNING, SIZE_ALPHA, TASK_NORM, TRANSDUCTIVE,
-                                             check_mode, check_task_norm_options)
+from tf_mamlpp.core.batch_norm_modes import (REPTILE_START, RUNNING, SIZE_ALPHA, TASK_NORM,
+                                             TRANSDUCTIVE, check_mode, check_task_norm_options)
 from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import Moments, PerStepBatchNorm
 from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
@@ -43,12 +43,12 @@ class KerasBackbone(FastWeightsModel):
       inner_steps: inner steps; the banks have inner_steps + 1 rows, the rates
         inner_steps.
       bnrs, bnwb, lslr, inner_lr, bn_momentum, bn_mode, task_norm_alpha,
-        task_norm_unbiased: as for `MamlppNetwork`.
+        task_norm_unbiased, task_norm_start: as for `MamlppNetwork`.
     """
 
     def __init__(self, model, inner_steps, bnrs=True, bnwb=True, lslr=True, inner_lr=0.1,
                  bn_momentum=0.1, bn_mode=TRANSDUCTIVE, task_norm_alpha=SIZE_ALPHA,
-                 task_norm_unbiased=False, **kwargs):
+                 task_norm_unbiased=False, task_norm_start=REPTILE_START, **kwargs):
         super().__init__(**kwargs)
         if not isinstance(model, keras.Model):
             raise ValueError(f"the backbone must be a Keras model, got {type(model).__name__}")
@@ -57,8 +57,9 @@ class KerasBackbone(FastWeightsModel):
                              "it is wrapped")
         self.backbone = model
         self.bn_mode = check_mode(bn_mode)
-        check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased)
+        check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased, task_norm_start)
         self.task_norm_alpha, self.task_norm_unbiased = task_norm_alpha, task_norm_unbiased
+        self.task_norm_start = task_norm_start
         self.inner_steps = inner_steps
         self.image_shape = tuple(int(d) for d in model.input_shape[1:])
         self.way = int(model.output_shape[-1])
@@ -70,7 +71,8 @@ class KerasBackbone(FastWeightsModel):
         norm_settings = dict(
             num_states=inner_steps + 1, per_step_statistics=bnrs, per_step_affine=bnwb,
             momentum=bn_momentum, task_norm=bn_mode == TASK_NORM,
-            task_norm_alpha=task_norm_alpha, task_norm_unbiased=task_norm_unbiased)
+            task_norm_alpha=task_norm_alpha, task_norm_unbiased=task_norm_unbiased,
+            task_norm_start=task_norm_start)
         for layer in layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 self._norm_of[id(layer)] = len(norms)
@@ -132,7 +134,8 @@ class KerasBackbone(FastWeightsModel):
                 "inner_steps": self.inner_steps, "bnrs": self.bnrs, "bnwb": self.bnwb,
                 "lslr": self.lslr, "inner_lr": self.inner_lr, "bn_momentum": self.bn_momentum,
                 "bn_mode": self.bn_mode, "task_norm_alpha": self.task_norm_alpha,
-                "task_norm_unbiased": self.task_norm_unbiased}
+                "task_norm_unbiased": self.task_norm_unbiased,
+                "task_norm_start": self.task_norm_start}
 
     def _forward(self, images, fast_weights, state, bn_mode, compute_dtype, support):
         """(logits, support moments or None, inputs of the last layer), one task at a time."""

@@ -20,8 +20,8 @@ import keras
 import tensorflow as tf
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import (RUNNING, SIZE_ALPHA, TASK_NORM, TRANSDUCTIVE,
-                                             check_mode, check_task_norm_options)
+from tf_mamlpp.core.batch_norm_modes import (REPTILE_START, RUNNING, SIZE_ALPHA, TASK_NORM,
+                                             TRANSDUCTIVE, check_mode, check_task_norm_options)
 from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import PerStepBatchNorm
 from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
@@ -48,18 +48,22 @@ class MamlppNetwork(FastWeightsModel):
       task_norm_alpha: with bn_mode task_norm, the form of TaskNorm-I's
         blend weight, one of batch_norm_modes.TASK_NORM_ALPHAS.
       task_norm_unbiased: with bn_mode task_norm, Bessel-corrected variances.
+      task_norm_start: with bn_mode task_norm, where a learned alpha starts, one
+        of batch_norm_modes.TASK_NORM_STARTS.
       **kwargs: keras.Model's; `dtype` (a Keras dtype policy) sets the
         variables' dtype, float32 by default.
     """
 
     def __init__(self, way, image_shape, inner_steps, filters=64, num_stages=4,
                  bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
-                 task_norm_alpha=SIZE_ALPHA, task_norm_unbiased=False, **kwargs):
+                 task_norm_alpha=SIZE_ALPHA, task_norm_unbiased=False,
+                 task_norm_start=REPTILE_START, **kwargs):
         super().__init__(**kwargs)
         self.bn_mode = check_mode(bn_mode)
-        check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased)
+        check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased, task_norm_start)
         self.task_norm_alpha = task_norm_alpha
         self.task_norm_unbiased = task_norm_unbiased
+        self.task_norm_start = task_norm_start
         self.way = way
         self.image_shape = tuple(int(d) for d in image_shape)
         self.inner_steps = inner_steps
@@ -100,6 +104,7 @@ class MamlppNetwork(FastWeightsModel):
                 self.inner_steps + 1, self.bnrs, self.bnwb,
                 momentum=self.bn_momentum, task_norm=self.bn_mode == TASK_NORM,
                 task_norm_alpha=self.task_norm_alpha, task_norm_unbiased=self.task_norm_unbiased,
+                task_norm_start=self.task_norm_start,
                 autocast=False, dtype=self.dtype_policy, name=f"norm{i}")
             norm.build((None, *size, self.filters))
             setattr(self, f"norm{i}", norm)
@@ -214,7 +219,8 @@ class MamlppNetwork(FastWeightsModel):
                 "inner_lr": self.inner_lr,
                 "bn_momentum": self.bn_momentum, "bn_mode": self.bn_mode,
                 "task_norm_alpha": self.task_norm_alpha,
-                "task_norm_unbiased": self.task_norm_unbiased}
+                "task_norm_unbiased": self.task_norm_unbiased,
+                "task_norm_start": self.task_norm_start}
 
 
 def fold_tasks(images):

@@ -20,6 +20,8 @@ and evaluation (Bronskill et al., "TaskNorm", ICML 2020, compare them):
   layer, or another of the `task_norm_alpha` forms (batch_norm_modes.py); the
   REPTILE_ALPHA form, n / (n + 1) for n support images, normalises each target
   image with the moments of the support set and itself (Nichol et al., 2018).
+  A learned alpha starts there too under REPTILE_START: log n is added to its
+  logit, so zero weights give RN's blend, and the weights learn a correction.
 - RUNNING (BNRS): the target pass by the state's running bank.
 
 Outside TRANSDUCTIVE no target image is normalised by another target image.
@@ -41,9 +43,10 @@ import math
 import keras
 import tensorflow as tf
 
-from tf_mamlpp.core.batch_norm_modes import (PER_STEP_ALPHA, REPTILE_ALPHA, SIZE_ALPHA, SUPPORT,
-                                             TASK_NORM, TRANSDUCTIVE, check_mode,
-                                             check_task_norm_alpha)
+from tf_mamlpp.core.batch_norm_modes import (PER_STEP_ALPHA, REPTILE_ALPHA, REPTILE_START,
+                                             SIZE_ALPHA, SUPPORT, TASK_NORM, TRANSDUCTIVE,
+                                             check_mode, check_task_norm_alpha,
+                                             check_task_norm_start)
 from tf_mamlpp.ops.batch_norm_kernel import (batch_norm_inference, batch_norm_training, moments,
                                              normalise)
 
@@ -87,11 +90,13 @@ class PerStepBatchNorm(keras.layers.Layer):
       task_norm_alpha: the form of TaskNorm-I's alpha, one of
         batch_norm_modes.TASK_NORM_ALPHAS.
       task_norm_unbiased: TaskNorm-I with Bessel-corrected variances.
+      task_norm_start: where a learned alpha starts, one of
+        batch_norm_modes.TASK_NORM_STARTS.
     """
 
     def __init__(self, num_states, per_step_statistics=True, per_step_affine=True,
                  momentum=0.1, epsilon=1e-5, task_norm=False, task_norm_alpha=SIZE_ALPHA,
-                 task_norm_unbiased=False, **kwargs):
+                 task_norm_unbiased=False, task_norm_start=REPTILE_START, **kwargs):
         super().__init__(**kwargs)
         if num_states < 1:
             raise ValueError(f"num_states must be at least 1, got {num_states}")
@@ -103,6 +108,7 @@ class PerStepBatchNorm(keras.layers.Layer):
         self.task_norm = task_norm
         self.task_norm_alpha = check_task_norm_alpha(task_norm_alpha)
         self.task_norm_unbiased = task_norm_unbiased
+        self.task_norm_start = check_task_norm_start(task_norm_start)
 
     def build(self, input_shape):
         channels = int(input_shape[-1])
@@ -124,7 +130,7 @@ class PerStepBatchNorm(keras.layers.Layer):
             trainable=False, aggregation="mean")
 
     def _build_blend(self):
-        """TaskNorm-I's learned alpha, 0.5 at first; REPTILE_ALPHA's is fixed and has none."""
+        """TaskNorm-I's learned alpha, zero weights at first; REPTILE_ALPHA's is fixed."""
         if self.task_norm_alpha == SIZE_ALPHA:
             # alpha = sigmoid(a * support size + b)
             self.blend_scale = self.add_weight(name="blend_scale", shape=(), initializer="zeros")
@@ -210,11 +216,15 @@ class PerStepBatchNorm(keras.layers.Layer):
 
     def _alpha(self, state, size):
         """The support moments' weight at weight state `state`, for `size` support images."""
-        if self.task_norm_alpha == SIZE_ALPHA:
-            return tf.sigmoid(self.blend_scale * size + self.blend_offset)
         if self.task_norm_alpha == REPTILE_ALPHA:
             return size / (size + 1)
-        return tf.sigmoid(self.blend_logit[self.bank_index(state, self.blend_logit.shape[0])])
+        if self.task_norm_alpha == SIZE_ALPHA:
+            logit = self.blend_scale * size + self.blend_offset
+        else:
+            logit = self.blend_logit[self.bank_index(state, self.blend_logit.shape[0])]
+        if self.task_norm_start == REPTILE_START:
+            logit += tf.math.log(size)  # sigmoid(log n) = n / (n + 1)
+        return tf.sigmoid(logit)
 
     def _moments(self, inputs, axes, dtype, keepdims=False):
         """Mean and variance over `axes`, the variance Bessel-corrected under task_norm_unbiased."""
@@ -250,5 +260,6 @@ class PerStepBatchNorm(keras.layers.Layer):
                 "per_step_affine": self.per_step_affine,
                 "momentum": self.momentum, "epsilon": self.epsilon, "task_norm": self.task_norm,
                 "task_norm_alpha": self.task_norm_alpha,
-                "task_norm_unbiased": self.task_norm_unbiased}
+                "task_norm_unbiased": self.task_norm_unbiased,
+                "task_norm_start": self.task_norm_start}
 

@@ -17,7 +17,8 @@ import os
 import types
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import BN_MODES, SIZE_ALPHA, TASK_NORM_ALPHAS
+from tf_mamlpp.core.batch_norm_modes import (BN_MODES, HALF_START, REPTILE_START, SIZE_ALPHA,
+                                             TASK_NORM_ALPHAS, TASK_NORM_STARTS)
 from tf_mamlpp.data.benchmark_splits import BENCHMARKS
 from tf_mamlpp.data.image_folders import DEFAULT_SPLIT_RATIOS
 from tf_mamlpp.data.tfds_source import DEFAULT_LABEL
@@ -59,7 +60,7 @@ def natural_images(value, **exceptions):
 
 
 def setting(default=None, *, help_text, architecture=False, constraint=None, per_dataset=None,
-            command_line=True, configures=()):
+            command_line=True, configures=(), recorded_before=None):
     """A field of ExperimentConfig, described for the command line and the checks.
 
     Args:
@@ -77,12 +78,15 @@ def setting(default=None, *, help_text, architecture=False, constraint=None, per
       command_line: whether main.py makes a flag of it.
       configures: the library objects (NETWORK, BACKBONE, SCHEDULE, OPTIMIZER) that take
         the setting as a keyword argument of the same name.
+      recorded_before: the value that a run whose saved configuration predates
+        the setting ran with, where that is not `default`.
     """
     if per_dataset is not None:
         default = per_dataset[DEFAULT_DATASET]
     return dataclasses.field(default=default, metadata={
         "help": help_text, "architecture": architecture, "constraint": constraint,
-        "per_dataset": per_dataset, "command_line": command_line, "configures": configures})
+        "per_dataset": per_dataset, "command_line": command_line, "configures": configures,
+        "recorded_before": recorded_before})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +225,12 @@ class ExperimentConfig:
         help_text="--bn_mode=task_norm: Bessel-corrected variances, as the official TaskNorm "
                   "code's torch.var: the support set's over n*H*W - 1 values, each image's "
                   "over H*W - 1; false: biased.")
+    task_norm_start: str = setting(
+        REPTILE_START, architecture=True, constraint=TASK_NORM_STARTS,
+        configures=(NETWORK, BACKBONE), recorded_before=HALF_START,
+        help_text="--bn_mode=task_norm: where a learned alpha starts: reptile (at n / (n + 1) "
+                  "for n support images, RN's weight: log n is added to its logit) or half "
+                  "(at 1/2, as the TaskNorm paper).")
     val_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed validation tasks.")
     test_tasks: int = setting(600, constraint=POSITIVE, help_text="Fixed test tasks.")
     seed: int = setting(0, help_text="Seed of the initialisation and the task streams.")
@@ -276,7 +286,11 @@ class ExperimentConfig:
 
     @classmethod
     def from_json(cls, text):
-        return cls(**json.loads(text))
+        values = json.loads(text)
+        for field in dataclasses.fields(cls):
+            if field.name not in values and field.metadata["recorded_before"] is not None:
+                values[field.name] = field.metadata["recorded_before"]
+        return cls(**values)
 
     def architecture_differences(self, other):
         """Names of the fields that make `other`'s checkpoints unusable by this run."""

@@ -94,7 +94,8 @@ def check_settings(config):
                               f"dataset={config.dataset}, which has fixed splits; it applies "
                               f"to dataset=folder and {TFDS} only", "split_ratios", "dataset")
         image_folders.parse_split_ratios(config.split_ratios)
-    check_task_norm_options(config.bn_mode, config.task_norm_alpha, config.task_norm_unbiased)
+    check_task_norm_options(config.bn_mode, config.task_norm_alpha, config.task_norm_unbiased,
+                            config.task_norm_start)
     if config.tfds_name is not None:
         _check_tfds_settings(config)
     elif config.data_dir is None:
