@@ -98,10 +98,18 @@ def test_task_norms_flags_reach_the_config_and_round_trip_through_its_json():
         "size", False, "reptile")
 
 
-def test_a_run_saved_before_task_norm_start_existed_reads_as_the_half_start_it_ran_with():
-    saved = json.loads(resolve("omniglot", bn_mode="task_norm").to_json())
+@pytest.mark.parametrize("settings, ran_with", [
+    (dict(bn_mode="task_norm"), "half"), (dict(bn_mode="task_norm", task_norm_alpha="direct"), "half"),
+    (dict(bn_mode="task_norm", task_norm_alpha="reptile"), "reptile"),
+    (dict(bn_mode="support"), "reptile"), (dict(bn_mode="transductive"), "reptile")])
+def test_a_run_saved_before_task_norm_start_existed_reads_as_it_ran(settings, ran_with):
+    """A learned blend then started at 1/2; other runs had none, and read as the default,
+    so that they reopen in their own mode."""
+    saved = json.loads(resolve("omniglot", **settings).to_json())
     del saved["task_norm_start"]
-    assert ExperimentConfig.from_json(json.dumps(saved)).task_norm_start == "half"
+    config = ExperimentConfig.from_json(json.dumps(saved))
+    assert config.task_norm_start == ran_with
+    preflight.check_settings(config)
 
 
 @pytest.mark.parametrize("settings, flags_named", [

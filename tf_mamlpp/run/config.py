@@ -17,8 +17,9 @@ import os
 import types
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import (BN_MODES, HALF_START, REPTILE_START, SIZE_ALPHA,
-                                             TASK_NORM_ALPHAS, TASK_NORM_STARTS)
+from tf_mamlpp.core.batch_norm_modes import (BN_MODES, HALF_START, REPTILE_ALPHA, REPTILE_START,
+                                             SIZE_ALPHA, TASK_NORM, TASK_NORM_ALPHAS,
+                                             TASK_NORM_STARTS)
 from tf_mamlpp.data.benchmark_splits import BENCHMARKS
 from tf_mamlpp.data.image_folders import DEFAULT_SPLIT_RATIOS
 from tf_mamlpp.data.tfds_source import DEFAULT_LABEL
@@ -78,8 +79,9 @@ def setting(default=None, *, help_text, architecture=False, constraint=None, per
       command_line: whether main.py makes a flag of it.
       configures: the library objects (NETWORK, BACKBONE, SCHEDULE, OPTIMIZER) that take
         the setting as a keyword argument of the same name.
-      recorded_before: the value that a run whose saved configuration predates
-        the setting ran with, where that is not `default`.
+      recorded_before: values saved -> the value that a run whose saved
+        configuration predates the setting ran with, where that may not be
+        `default`.
     """
     if per_dataset is not None:
         default = per_dataset[DEFAULT_DATASET]
@@ -227,7 +229,9 @@ class ExperimentConfig:
                   "over H*W - 1; false: biased.")
     task_norm_start: str = setting(
         REPTILE_START, architecture=True, constraint=TASK_NORM_STARTS,
-        configures=(NETWORK, BACKBONE), recorded_before=HALF_START,
+        configures=(NETWORK, BACKBONE), recorded_before=lambda saved: (
+            HALF_START if saved.get("bn_mode") == TASK_NORM
+            and saved.get("task_norm_alpha", SIZE_ALPHA) != REPTILE_ALPHA else REPTILE_START),
         help_text="--bn_mode=task_norm: where a learned alpha starts: reptile (at n / (n + 1) "
                   "for n support images, RN's weight: log n is added to its logit) or half "
                   "(at 1/2, as the TaskNorm paper).")
@@ -289,7 +293,7 @@ class ExperimentConfig:
         values = json.loads(text)
         for field in dataclasses.fields(cls):
             if field.name not in values and field.metadata["recorded_before"] is not None:
-                values[field.name] = field.metadata["recorded_before"]
+                values[field.name] = field.metadata["recorded_before"](values)
         return cls(**values)
 
     def architecture_differences(self, other):
