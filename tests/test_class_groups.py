@@ -4,6 +4,7 @@ classes, one line and one JSON entry per group, with the run directory only read
 import json
 import re
 
+import numpy as np
 import pytest
 
 from conftest import run_python
@@ -39,4 +40,11 @@ def test_groups_are_scored_and_the_run_is_only_read(tiny_run, tmp_path):
     fractions += [figures[name] for name in ("group_sd", "task_noise_sd", "class_sd",
                                              "val_accuracy_logged")] + figures["group_range"]
     assert all(0 <= value <= 1 for value in fractions)
+    # The spread is the group means' own, less what the tasks' noise alone explains.
+    means = np.array([group["mean"] for group in figures["groups"]])
+    noise = np.sqrt(np.mean([group["sd"] ** 2 for group in figures["groups"]]) / 2)
+    np.testing.assert_allclose([figures["group_sd"], figures["task_noise_sd"], figures["class_sd"]],
+                               [means.std(ddof=1), noise,
+                                np.sqrt(max(means.var(ddof=1) - noise ** 2, 0))], atol=1e-9)
+    assert figures["group_range"] == [means.min(), means.max()]
     assert figures["bn_mode"] == "transductive" and figures["tasks_per_group"] == 2

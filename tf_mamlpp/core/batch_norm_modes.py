@@ -51,8 +51,7 @@ def check_task_norm_start(start):
     return start
 
 
-def check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased,
-                            task_norm_start=REPTILE_START):
+def check_task_norm_options(bn_mode, task_norm_alpha, task_norm_unbiased, task_norm_start):
     """Refuses an unknown alpha or start, a start where nothing is learned, and TaskNorm
     options other than the defaults outside TASK_NORM.
 
