@@ -1,6 +1,7 @@
 """Where the time of a meta-iteration goes: op time by kind and by pass.
 
     python -m benchmarks.profile_meta_step --way=20 --shot=5
+    python -m benchmarks.profile_meta_step --way=20 --nosecond_order --bn_mode=task_norm
 
 Profiles a few meta-iterations of main.py's default step (random Omniglot-sized
 images, batch 8, 5 inner steps, multi-step loss) with the TensorFlow profiler
@@ -24,12 +25,16 @@ import tempfile
 
 from absl import app, flags
 
+from tf_mamlpp.core.batch_norm_modes import BN_MODES
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("way", 5, "Classes per task. Default 5.")
 flags.DEFINE_integer("shot", 1, "Support images per class. Default 1.")
 flags.DEFINE_bool("second_order", True, "Second-order meta-gradients. Default true.")
 flags.DEFINE_integer("iterations", 3, "Profiled meta-iterations after two warm-up ones. Default 3.")
 flags.DEFINE_integer("top", 15, "Op types listed. Default 15.")
+flags.DEFINE_enum("bn_mode", "transductive", BN_MODES, "Batch-norm mode, as main.py's "
+                  "--bn_mode. Default transductive.")
 
 GRADIENT_SUMS = "gradient accumulation (AddN, AssignAdd)"
 # Op kind: substrings of TensorFlow op types (oneDNN's _MklNative* included).
@@ -83,7 +88,7 @@ def op_events(trace_dir):
                     yield op_name, op_type, event.duration_ps / 1e12
 
 
-def profile(way, shot, second_order, iterations):
+def profile(way, shot, second_order, iterations, bn_mode):
     import keras
     import numpy as np
     import tensorflow as tf
@@ -96,7 +101,7 @@ def profile(way, shot, second_order, iterations):
 
     parallel_tasks = cpu_threads.default_parallel_tasks()
     cpu_threads.configure(parallel_tasks)  # as main.py does
-    network = MamlppNetwork(way, (28, 28, 1), INNER_STEPS)
+    network = MamlppNetwork(way, (28, 28, 1), INNER_STEPS, bn_mode=bn_mode)
     learner = MetaLearner(network, keras.optimizers.Adam(1e-3),
                           parallel_tasks=parallel_tasks)
     batch = random_tasks(BATCH_SIZE, way, shot, QUERY)
@@ -121,7 +126,7 @@ def print_shares(title, seconds):
 
 def main(argv):
     del argv
-    events = profile(FLAGS.way, FLAGS.shot, FLAGS.second_order, FLAGS.iterations)
+    events = profile(FLAGS.way, FLAGS.shot, FLAGS.second_order, FLAGS.iterations, FLAGS.bn_mode)
     by_kind, by_pass, by_type = (collections.Counter() for _ in range(3))
     for op_name, op_type, seconds in events:
         seconds /= FLAGS.iterations
@@ -129,7 +134,7 @@ def main(argv):
         by_pass[pass_of(op_name, op_type)] += seconds
         by_type[op_type] += seconds
     order = "second" if FLAGS.second_order else "first"
-    print(f"{FLAGS.way}-way {FLAGS.shot}-shot, {order} order: op time summed over all threads, "
+    print(f"{FLAGS.way}-way {FLAGS.shot}-shot, {order} order, {FLAGS.bn_mode} batch norm: op time summed over all threads, "
           f"mean of {FLAGS.iterations} iterations")
     print_shares("kind", by_kind)
     print_shares("pass", by_pass)

@@ -288,6 +288,17 @@ def test_support_target_pass_normalises_with_the_support_moments():
     assert moments is None
 
 
+def task_norm_by_hand(images, batch_mean, batch_variance, alpha, gamma, beta, ddof=0):
+    """`images` normalised with the batch moments blended with each image's own."""
+    x = images.astype(np.float64)
+    instance_mean = x.mean(axis=(1, 2), keepdims=True)
+    instance_variance = x.var(axis=(1, 2), keepdims=True, ddof=ddof)
+    mean = alpha * batch_mean + (1 - alpha) * instance_mean
+    variance = (alpha * (batch_variance + (batch_mean - mean) ** 2)
+                + (1 - alpha) * (instance_variance + (instance_mean - mean) ** 2))
+    return normalise(x, mean, variance, gamma, beta)
+
+
 def test_task_norm_blends_support_and_instance_moments():
     """TaskNorm-I (Bronskill et al., 2020, eq. 4-5) with alpha = sigmoid(a * support size + b),
     the paper's form: the half start."""
@@ -299,20 +310,19 @@ def test_task_norm_blends_support_and_instance_moments():
                        support=support_moments(support))
     alpha = 1 / (1 + np.exp(-(0.3 * support.shape[0] - 1.2)))
     batch_mean, batch_variance = batch_moments(support)
-    x = target.astype(np.float64)
-    instance_mean = x.mean(axis=(1, 2), keepdims=True)
-    instance_variance = x.var(axis=(1, 2), keepdims=True)
-    mean = alpha * batch_mean + (1 - alpha) * instance_mean
-    variance = (alpha * (batch_variance + (batch_mean - mean) ** 2)
-                + (1 - alpha) * (instance_variance + (instance_mean - mean) ** 2))
-    expected = normalise(x, mean, variance, layer.gamma.numpy()[1], layer.beta.numpy()[1])
-    np.testing.assert_allclose(outputs.numpy(), expected, rtol=1e-4, atol=1e-4)
-    # The support pass blends its own batch moments the same way.
+    affine = layer.gamma.numpy()[1], layer.beta.numpy()[1]
+    np.testing.assert_allclose(
+        outputs.numpy(), task_norm_by_hand(target, batch_mean, batch_variance, alpha, *affine),
+        rtol=1e-4, atol=1e-4)
+    # The support pass blends its own batch moments the same way, and returns them.
     outputs, moments = layer(support, state=1, mode=TASK_NORM)
     np.testing.assert_allclose(moments.mean.numpy(), batch_mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(moments.variance.numpy(), batch_variance, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        outputs.numpy(), task_norm_by_hand(support, batch_mean, batch_variance, alpha, *affine),
+        rtol=1e-4, atol=1e-4)
     assert not np.allclose(outputs.numpy(), normalise(support, batch_mean, batch_variance,
-                                                      layer.gamma.numpy()[1],
-                                                      layer.beta.numpy()[1]), atol=1e-2)
+                                                      *affine), atol=1e-2)
 
 
 @pytest.mark.parametrize("mode", [SUPPORT, TASK_NORM, RUNNING])
@@ -451,16 +461,12 @@ def test_unbiased_task_norm_corrects_the_support_and_instance_variances():
     layer.blend_offset.assign(-1.2)
     support, target = activations(seed=23), activations(seed=24)
     outputs, moments = task_norm_pass(layer, support, target, 1)
-    x, s = target.astype(np.float64), support.astype(np.float64)
+    s = support.astype(np.float64)
     support_mean, support_variance = s.mean(axis=(0, 1, 2)), s.var(axis=(0, 1, 2), ddof=1)
     np.testing.assert_allclose(moments.variance.numpy(), support_variance, rtol=1e-5)
     alpha = 1 / (1 + np.exp(-(0.3 * len(s) - 1.2 + np.log(len(s)))))
-    instance_mean = x.mean(axis=(1, 2), keepdims=True)
-    instance_variance = x.var(axis=(1, 2), keepdims=True, ddof=1)
-    mean = alpha * support_mean + (1 - alpha) * instance_mean
-    variance = (alpha * (support_variance + (support_mean - mean) ** 2)
-                + (1 - alpha) * (instance_variance + (instance_mean - mean) ** 2))
-    expected = normalise(x, mean, variance, layer.gamma.numpy()[1], layer.beta.numpy()[1])
+    expected = task_norm_by_hand(target, support_mean, support_variance, alpha,
+                                 layer.gamma.numpy()[1], layer.beta.numpy()[1], ddof=1)
     np.testing.assert_allclose(outputs, expected, rtol=1e-4, atol=1e-4)
     biased = build_layer(task_norm=True)
     biased.blend_scale.assign(0.3)

@@ -181,9 +181,7 @@ class PerStepBatchNorm(keras.layers.Layer):
         beta = per_task(self.beta[affine_row], tasks)
         size = tf.cast(positions(inputs, [0]), gamma.dtype)
         if mode == TASK_NORM:
-            support = support if target else Moments(
-                *self._moments(inputs, [0, 1, 2], gamma.dtype), size)
-            return self._task_norm(inputs, state, support, target, gamma, beta)
+            return self._task_norm(inputs, state, support, target, gamma, beta, size)
         if not target or mode == TRANSDUCTIVE:
             outputs, mean, variance = batch_norm_training(inputs, gamma, beta, self.epsilon)
             return outputs, (None if target else Moments(mean, variance, size))
@@ -195,24 +193,34 @@ class PerStepBatchNorm(keras.layers.Layer):
             inputs, per_task(self.moving_mean[row], tasks),
             per_task(self.moving_variance[row], tasks), gamma, beta, self.epsilon), None
 
-    def _task_norm(self, inputs, state, support, target, gamma, beta):
-        """TaskNorm-I with the `support` moments: (outputs, `support` for a support pass)."""
+    def _task_norm(self, inputs, state, support, target, gamma, beta, size):
+        """TaskNorm-I: (outputs, the support set's `Moments` for a support pass, else None)."""
         if not target and self.task_norm_alpha == REPTILE_ALPHA:
             # The support set and one of its images are the support set.
-            outputs = normalise(inputs, support.mean, support.variance, gamma, beta, self.epsilon)
-        else:
-            outputs = self._blend(inputs, state, support, gamma, beta)
-        return outputs, (None if target else support)
-
-    def _blend(self, inputs, state, support, gamma, beta):
-        """`support` moments blended with each image's instance moments (Bronskill et al.)."""
+            mean, variance = moments(inputs, [0, 1, 2], gamma.dtype)
+            support = Moments(mean, self._corrected(variance, inputs, [0, 1, 2]), size)
+            return normalise(inputs, mean, support.variance, gamma, beta, self.epsilon), support
+        instance_mean, instance_variance = moments(inputs, [1, 2], gamma.dtype, keepdims=True)
+        if not target:
+            support = self._pooled(instance_mean, instance_variance, inputs, size)
+        instance_variance = self._corrected(instance_variance, inputs, [1, 2])
         alpha = self._alpha(state, support.size)
-        instance_mean, instance_variance = self._moments(inputs, [1, 2], gamma.dtype,
-                                                         keepdims=True)
         mean = alpha * support.mean + (1 - alpha) * instance_mean
         variance = (alpha * (support.variance + tf.square(support.mean - mean))
                     + (1 - alpha) * (instance_variance + tf.square(instance_mean - mean)))
-        return normalise(inputs, mean, variance, gamma, beta, self.epsilon)
+        outputs = normalise(inputs, mean, variance, gamma, beta, self.epsilon)
+        return outputs, (None if target else support)
+
+    def _pooled(self, instance_mean, instance_variance, inputs, size):
+        """The support set's `Moments` from its images' biased instance moments.
+
+        Pooled by the law of total variance, they are the batch moments without
+        another two passes over the activations and their derivatives.
+        """
+        mean = tf.reduce_mean(instance_mean, axis=[0, 1, 2])
+        variance = tf.reduce_mean(instance_variance + tf.square(instance_mean - mean),
+                                  axis=[0, 1, 2])
+        return Moments(mean, self._corrected(variance, inputs, [0, 1, 2]), size)
 
     def _alpha(self, state, size):
         """The support moments' weight at weight state `state`, for `size` support images."""
@@ -226,17 +234,16 @@ class PerStepBatchNorm(keras.layers.Layer):
             logit += tf.math.log(size)  # sigmoid(log n) = n / (n + 1)
         return tf.sigmoid(logit)
 
-    def _moments(self, inputs, axes, dtype, keepdims=False):
-        """Mean and variance over `axes`, the variance Bessel-corrected under task_norm_unbiased."""
-        mean, variance = moments(inputs, axes, dtype, keepdims)
+    def _corrected(self, variance, inputs, axes):
+        """A biased `variance` over `axes` of `inputs`, Bessel-corrected under task_norm_unbiased."""
         if not self.task_norm_unbiased:
-            return mean, variance
+            return variance
         count = positions(inputs, axes)
         if isinstance(count, int) and count < 2:
             raise ValueError(f"{self.name}: task_norm_unbiased needs two or more values per "
                              f"channel over axes {axes} of its {tuple(inputs.shape)} inputs")
-        count = tf.cast(count, dtype)
-        return mean, variance * (count / (count - 1))
+        count = tf.cast(count, variance.dtype)
+        return variance * (count / (count - 1))
 
     def update_running_statistics(self, means, variances):
         """Moves the first rows of the running banks towards new statistics.
