@@ -150,7 +150,7 @@ def one_epoch_config():
 
 def open_run(tmp_path, config):
     """The run directory as each process opens it; export is not under test here
-    (the trainer leaves an existing export alone), so it is skipped."""
+    (the trainer leaves an empty export folder alone), so it is skipped."""
     from tf_mamlpp.run.run_directory import RunDirectory
     run_dir = RunDirectory.open(tmp_path, "run", config)
     (run_dir.path / "export").mkdir(exist_ok=True)

@@ -35,7 +35,7 @@ def tiny_config(**overrides):
 
 
 def skip_export(run_dir):
-    """Export is tested in test_export.py; the trainer leaves an existing export alone."""
+    """Export is tested in test_export.py; the trainer leaves an empty export folder alone."""
     (run_dir.path / "export").mkdir(exist_ok=True)
 
 
@@ -259,3 +259,38 @@ def test_nan_loss_stops_naming_epoch_and_iteration_and_keeps_the_last_checkpoint
     assert reopened.iterations_done == ITERS_PER_EPOCH
     for variable in reopened.network.variables:
         assert np.isfinite(variable.numpy()).all(), variable.path
+
+
+def checkpointed_kernel(path):
+    return tf.train.load_variable(path, "network/conv0_kernel/.ATTRIBUTES/VARIABLE_VALUE")
+
+
+def exported_kernel(export_dir):
+    (kernel,) = [variable for variable in tf.saved_model.load(str(export_dir)).variables
+                 if variable.name.endswith("conv0_kernel:0")]
+    return kernel.numpy()
+
+
+def test_a_run_trained_further_exports_its_new_best(trained, tmp_path):
+    """More --epochs for a finished run: its export follows the best checkpoint, whichever."""
+    shutil.copytree(trained.run_dir.path, tmp_path / "run")
+    finished = Trainer(trained.trainer.config, RunDirectory.existing(tmp_path, "run"))
+    export = finished.export_best(tmp_path / "run" / "export", replace=True)
+    before = exported_kernel(export)
+    longer = dataclasses.replace(trained.trainer.config, epochs=EPOCHS + 1)
+    trainer = Trainer(longer, RunDirectory.open(tmp_path, "run", longer))
+    validate = trainer.scoring.validate
+
+    def the_new_epoch_validates_best(epoch):
+        record = validate(epoch)
+        return {**record, "val_accuracy": 2.0} if epoch == EPOCHS else record
+
+    trainer.scoring.validate = the_new_epoch_validates_best
+    trainer.train()
+    (_, epoch, prefix), *_ = trainer.run_dir.best_checkpoints()
+    assert epoch == EPOCHS + 1
+    after = exported_kernel(export)
+    np.testing.assert_array_equal(after, checkpointed_kernel(trainer.run_dir.checkpoint_path(prefix)))
+    assert not np.array_equal(after, before)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()
+                  if path.name.startswith(".export")) == []

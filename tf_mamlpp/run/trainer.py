@@ -148,8 +148,10 @@ class Trainer:
         if not self.is_chief:
             return None
         results = self.test()
-        if not (self.run_dir.path / "export").exists():
-            self.export_best(self.run_dir.path / "export")
+        export = self.run_dir.path / "export"
+        # A run trained further (more --epochs) may have a new best: its export follows.
+        if not export.exists() or (start_epoch < config.epochs and any(export.iterdir())):
+            self.export_best(export, replace=True)
         return results
 
     def _validate_and_save(self, record, history):
@@ -229,14 +231,18 @@ class Trainer:
         """Tests the best validation checkpoints and their ensemble (scoring.py)."""
         return self.scoring.test(self.iterations_done)
 
-    def export_best(self, export_dir):
-        """Exports the best validation checkpoint as an adapting SavedModel."""
+    def export_best(self, export_dir, replace=False):
+        """Exports the best validation checkpoint as an adapting SavedModel.
+
+        `replace`: replace the SavedModel `export_dir` holds (saved_model.export).
+        """
         best = self.run_dir.best_checkpoints()
         if not best:
             raise ValueError(f"{self.run_dir.path} has no validated checkpoint to export yet")
         self.run_dir.restore_best(self.network, best[0][2])
         # Image-folder training images are rounded to 8 bits after resizing; Omniglot's are not.
         path = saved_model.export(self.network, self.config.eval_inner_steps, export_dir,
-                             rounded_to_uint8=self.config.dataset != "omniglot")
+                                  rounded_to_uint8=self.config.dataset != "omniglot",
+                                  replace=replace)
         logging.info("exported the epoch-%d model to %s", best[0][1], path)
         return path

@@ -168,7 +168,7 @@ class AdaptingModel:
         return {"features": self.network.running_embed(self._check_image_shape(images))}
 
 
-def export(network, num_steps, export_dir, rounded_to_uint8=False):
+def export(network, num_steps, export_dir, rounded_to_uint8=False, replace=False):
     """Writes the SavedModel to `export_dir`, which must not exist or be empty.
 
     It is written with Keras's ExportArchive: tf.saved_model.save of Keras 3
@@ -182,12 +182,14 @@ def export(network, num_steps, export_dir, rounded_to_uint8=False):
     Args:
       rounded_to_uint8: whether the training images were rounded to 8 bits
         after resizing, as image folders' are (see `image_decoding.decode_image`).
+      replace: replace what `export_dir` holds (a run's own, earlier export),
+        by two renames once the new model is written.
 
     Raises:
-      ExportError: `export_dir` exists and holds files.
+      ExportError: `export_dir` exists and holds files, and `replace` is false.
     """
     export_dir = pathlib.Path(export_dir)
-    if export_dir.exists() and any(export_dir.iterdir()):
+    if not replace and export_dir.exists() and any(export_dir.iterdir()):
         raise ExportError(f"--export_dir {export_dir} is not empty; choose a new folder "
                           "(an earlier export is never overwritten)")
     export_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -205,7 +207,7 @@ def export(network, num_steps, export_dir, rounded_to_uint8=False):
                     name, [tf.Variable(value, trainable=False, name=name)])
             archive.write_out(str(staging / "model"), verbose=False)
         if export_dir.exists():
-            export_dir.rmdir()
+            os.replace(export_dir, staging / "replaced")  # removed with the staging folder
         os.replace(staging / "model", export_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
