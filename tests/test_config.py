@@ -112,6 +112,16 @@ def test_a_run_saved_before_task_norm_start_existed_reads_as_it_ran(settings, ra
     preflight.check_settings(config)
 
 
+def test_a_run_saved_before_bn_mode_existed_reads_as_transductive():
+    """Every run then normalised its targets transductively, whatever the default is now."""
+    saved = json.loads(resolve("omniglot", bn_mode="transductive").to_json())
+    for name in ("bn_mode", "task_norm_alpha", "task_norm_unbiased", "task_norm_start"):
+        del saved[name]
+    config = ExperimentConfig.from_json(json.dumps(saved))
+    assert config == resolve("omniglot", bn_mode="transductive")
+    preflight.check_settings(config)
+
+
 @pytest.mark.parametrize("settings, flags_named", [
     (dict(task_norm_alpha="reptile"), "--task_norm_alpha=reptile"),
     (dict(task_norm_alpha="direct", task_norm_unbiased=True),

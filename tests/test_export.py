@@ -26,7 +26,7 @@ import tensorflow as tf
 from conftest import (REPO, TINY_RUN, answers_alone_as_among_others, copy_run, noisy_episode,
                       run_command, run_main, run_python)
 from synthetic_images import write_split_folders
-from tf_mamlpp.core.batch_norm_modes import BN_MODES, TASK_NORM
+from tf_mamlpp.core.batch_norm_modes import BN_MODES, DEFAULT_MODE, SERVING_MODES, TASK_NORM
 from tf_mamlpp.core.inner_loop import adapt_and_evaluate
 from tf_mamlpp.data import decoded_images
 from tf_mamlpp.data.image_folders import index_splits
@@ -500,10 +500,12 @@ def exports_task_accuracies(trained):
 
 
 def test_the_served_figure_is_the_exports_asked_one_query_at_a_time_task_for_task(trained):
-    """results.json's `served`: the best checkpoint alone, in the export's mode."""
+    """results.json's `served`: the best checkpoint alone, in the export's mode; the tiny run
+    is the default command's."""
     served = json.loads((trained.run_dir.path / "results.json").read_text())["served"]
+    assert trained.config.bn_mode == DEFAULT_MODE
     assert (served["epoch"], served["bn_mode"]) == (trained.run_dir.best_checkpoints()[0][1],
-                                                    "support")
+                                                    SERVING_MODES[DEFAULT_MODE])
     assert len(served["task_accuracies"]) == TINY_RUN["test_tasks"]
     np.testing.assert_allclose(exports_task_accuracies(trained), served["task_accuracies"],
                                atol=1e-6)

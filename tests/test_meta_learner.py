@@ -350,7 +350,7 @@ def test_da_wiring_second_order_changes_the_meta_gradient(batch):
 
 def test_task_by_task_sums_are_the_single_tasks_steps(batch):
     """`_task_by_task` sums each task's own meta-step and averages its statistics."""
-    learner = meta_learner(tiny_network())
+    learner = meta_learner(tiny_network(bn_mode=TRANSDUCTIVE))  # statistics of STEPS states
     weights = tf.constant(MSL_WEIGHTS)
     together = learner._task_by_task(batch, Phase(weights, True, True))
     alone = [learner._tasks_step(task_slice(batch, t, t + 1), Phase(weights, True, True))

@@ -353,7 +353,7 @@ def test_a_mixed_precision_trainer_computes_in_bfloat16_on_a_cpu_and_float16_on_
         tmp_path, make_tasks):
     """bfloat16 where the step runs on a CPU, which has next to no float16 kernels."""
     config = config_module.resolve("omniglot", way=3, filters=8, inner_steps=1, batch_size=1,
-                                   mixed_precision=True)
+                                   mixed_precision=True, bn_mode="transductive")  # fused kernels
     learner = Trainer(config, RunDirectory.open(tmp_path, "run", config)).meta_learner
     task = make_tasks(1, 3, shot=1, query=1, image_shape=(28, 28, 1))
     graph = tf.function(learner._tasks_step).get_concrete_function(

@@ -25,10 +25,11 @@ pytestmark = pytest.mark.slow
 
 ITERS_PER_EPOCH = 8
 # Two epochs of 8 first-order meta-iterations on 3-way 1-shot Omniglot with an
-# 8-filter network: about 15 s a process on 2 cores, most of it tracing.
+# 8-filter network: about 15 s a process on 2 cores, most of it tracing. Transductive:
+# validated in two modes, the most a resumed run must repeat.
 RUN = ["--way=3", "--shot=1", "--inner_steps=1", "--filters=8", "--batch_size=2",
        f"--iters_per_epoch={ITERS_PER_EPOCH}", "--epochs=2", "--val_tasks=8", "--test_tasks=8",
-       "--second_order=false", "--deterministic", "--experiment=run"]
+       "--second_order=false", "--deterministic", "--bn_mode=transductive", "--experiment=run"]
 # Flags (after RUN's) the existing run cannot continue under.
 REFUSED = ["--way=5", "--shot=2", "--filters=16", f"--iters_per_epoch={ITERS_PER_EPOCH // 2}"]
 

@@ -14,6 +14,9 @@ TRANSDUCTIVE, SUPPORT, TASK_NORM, RUNNING = BN_MODES
 # that no answer depends on the other queries.
 SERVING_MODES = {TRANSDUCTIVE: SUPPORT, SUPPORT: SUPPORT, TASK_NORM: TASK_NORM, RUNNING: RUNNING}
 
+# The mode of main.py and the library when none is chosen (README, "Default").
+DEFAULT_MODE = TASK_NORM
+
 
 def check_mode(mode):
     if mode not in BN_MODES:

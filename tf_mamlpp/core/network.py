@@ -20,8 +20,9 @@ import keras
 import tensorflow as tf
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import (REPTILE_START, RUNNING, SIZE_ALPHA, TASK_NORM,
-                                             TRANSDUCTIVE, check_mode, check_task_norm_options)
+from tf_mamlpp.core.batch_norm_modes import (DEFAULT_MODE, REPTILE_START, RUNNING, SIZE_ALPHA,
+                                             TASK_NORM, TRANSDUCTIVE, check_mode,
+                                             check_task_norm_options)
 from tf_mamlpp.core.fast_weights import FastWeightsModel
 from tf_mamlpp.core.per_step_batch_norm import PerStepBatchNorm
 from tf_mamlpp.ops.max_pool_kernel import leaky_relu_max_pool_2x2
@@ -55,7 +56,7 @@ class MamlppNetwork(FastWeightsModel):
     """
 
     def __init__(self, way, image_shape, inner_steps, filters=64, num_stages=4,
-                 bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=TRANSDUCTIVE,
+                 bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=DEFAULT_MODE,
                  task_norm_alpha=SIZE_ALPHA, task_norm_unbiased=False,
                  task_norm_start=REPTILE_START, **kwargs):
         super().__init__(**kwargs)

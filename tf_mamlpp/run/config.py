@@ -17,9 +17,10 @@ import os
 import types
 
 from tf_mamlpp.config_error import ConfigError
-from tf_mamlpp.core.batch_norm_modes import (BN_MODES, HALF_START, REPTILE_ALPHA, REPTILE_START,
-                                             SIZE_ALPHA, TASK_NORM, TASK_NORM_ALPHAS,
-                                             TASK_NORM_STARTS)
+from tf_mamlpp.core.batch_norm_modes import (BN_MODES, DEFAULT_MODE, HALF_START, REPTILE_ALPHA,
+                                             REPTILE_START, SIZE_ALPHA, TASK_NORM,
+                                             TASK_NORM_ALPHAS, TASK_NORM_STARTS,
+                                             TRANSDUCTIVE)
 from tf_mamlpp.data.benchmark_splits import BENCHMARKS
 from tf_mamlpp.data.image_folders import DEFAULT_SPLIT_RATIOS
 from tf_mamlpp.data.tfds_source import DEFAULT_LABEL
@@ -205,14 +206,15 @@ class ExperimentConfig:
     ca: bool = setting(True, configures=(OPTIMIZER,),
                        help_text="CA: cosine annealing of the meta learning rate.")
     bn_mode: str = setting(
-        "transductive", architecture=True, constraint=BN_MODES,
+        DEFAULT_MODE, architecture=True, constraint=BN_MODES,
         help_text="Batch norm of the target (query) pass, in meta-training and evaluation "
                   "alike: transductive (each batch by its own statistics, as the reference "
                   "code; exported models then normalise queries by the support set's), support "
                   "(MetaBN: the support set's statistics at the same weights), task_norm "
                   "(TaskNorm-I: support and per-image moments blended by a learned weight) or "
                   "running (BNRS: the per-step running banks).",
-        configures=(NETWORK, BACKBONE))
+        configures=(NETWORK, BACKBONE),
+        recorded_before=lambda saved: TRANSDUCTIVE)  # the only mode before the setting
     task_norm_alpha: str = setting(
         SIZE_ALPHA, architecture=True, constraint=TASK_NORM_ALPHAS,
         help_text="--bn_mode=task_norm: the weight alpha of the support moments against each "
