@@ -47,4 +47,5 @@ def test_groups_are_scored_and_the_run_is_only_read(tiny_run, tmp_path):
                                [means.std(ddof=1), noise,
                                 np.sqrt(max(means.var(ddof=1) - noise ** 2, 0))], atol=1e-9)
     assert figures["group_range"] == [means.min(), means.max()]
-    assert figures["bn_mode"] == "transductive" and figures["tasks_per_group"] == 2
+    trained_in = json.loads((tiny_run.path / "config.json").read_text())["bn_mode"]
+    assert figures["bn_mode"] == trained_in and figures["tasks_per_group"] == 2
