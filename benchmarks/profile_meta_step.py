@@ -3,7 +3,7 @@
     python -m benchmarks.profile_meta_step --way=20 --shot=5
     python -m benchmarks.profile_meta_step --way=20 --nosecond_order --bn_mode=task_norm
 
-Profiles a few meta-iterations of main.py's default step (random Omniglot-sized
+Profiles a few meta-iterations of the paper's step (random Omniglot-sized
 images, batch 8, 5 inner steps, multi-step loss) with the TensorFlow profiler
 and sums the time of every op, over all threads, into kinds (convolutions,
 batch norm, pooling, element-wise ops and reductions, ...) and passes. The
