@@ -10,6 +10,7 @@ Flags left unset take the paper's setting for the dataset (see
 tf_mamlpp/run/config.py); the resolved configuration is logged and saved with the run.
 """
 
+import dataclasses
 import functools
 import os
 import signal
@@ -66,9 +67,12 @@ def resolved_config():
     from tf_mamlpp.run import config, preflight
     resolved = config.resolve(FLAGS.dataset, **config_flags.config_values())
     if FLAGS.strategy == "multi_worker" and resolved.mixed_precision == config.AUTO:
-        raise ConfigError("mixed_precision=auto with --strategy=multi_worker: each host would "
-                          "probe on its own and could choose differently; pass "
-                          "mixed_precision=true or false", "mixed_precision")
+        if FLAGS["mixed_precision"].present:
+            raise ConfigError("mixed_precision=auto with --strategy=multi_worker: each host "
+                              "would probe on its own and could choose differently; pass "
+                              "mixed_precision=true or false", "mixed_precision")
+        # The default: hosts probing on their own could choose differently.
+        resolved = dataclasses.replace(resolved, mixed_precision=False)
     return preflight.checked(resolved) if FLAGS.mode == "train" else resolved
 
 

@@ -26,9 +26,9 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("way", 20, "Classes per task. Default 20.")
 flags.DEFINE_integer("shot", 5, "Support images per class. Default 5.")
-flags.DEFINE_enum("mixed_precision", "false", ["false", "true", "auto"],
+flags.DEFINE_enum("mixed_precision", "auto", ["false", "true", "auto"],
                   "As main.py's --mixed_precision; auto and true add the precision probe. "
-                  "Default false.")
+                  "Default auto, as main.py's.")
 flags.DEFINE_float("child", None, "Internal: the parent's clock at the child's start.")
 PRECISIONS = {"false": False, "true": True, "auto": "auto"}
 

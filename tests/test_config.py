@@ -201,7 +201,7 @@ def test_set_flags_reach_the_config():
 
 
 @pytest.mark.parametrize("arguments, expected", [
-    ([], False), (["--mixed_precision"], True), (["--nomixed_precision"], False),
+    ([], "auto"), (["--mixed_precision"], True), (["--nomixed_precision"], False),
     (["--mixed_precision=auto"], "auto"), (["--mixed_precision=AUTO"], "auto"),
     (["--mixed_precision=false"], False), (["--mixed_precision=1"], True)])
 def test_mixed_precision_is_a_bool_flag_that_also_takes_auto(arguments, expected):

@@ -96,6 +96,8 @@ def test_multi_worker_run_trains_checkpoints_from_chief_and_agrees(tmp_path):
         fingerprints[1].split("parameter fingerprint")[1]
     run_dir = logdir / "mw"
     assert json.loads((run_dir / "results.json").read_text())["test_tasks"] == 4
+    # The default precision, auto, is float32 here: hosts probing alone could disagree.
+    assert json.loads((run_dir / "config.json").read_text())["mixed_precision"] is False
     # Only the chief wrote: one directory, one set of event files.
     assert sorted(path.name for path in logdir.iterdir()) == ["mw"]
     assert len(list(run_dir.glob("events.out.tfevents.*"))) == 1

@@ -35,7 +35,8 @@ from tf_mamlpp.run import config as config_module
 from tf_mamlpp.serving import saved_model
 from tf_mamlpp.core.mixed_precision import DynamicLossScale, all_finite, compute_dtype
 from tf_mamlpp.core.network import MamlppNetwork
-from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError
+from tf_mamlpp.run import precision
+from tf_mamlpp.run.run_directory import RunDirectory, RunDirectoryError, saved_config
 from tf_mamlpp.core.schedules import Phase
 from tf_mamlpp.run.builders import build_network
 from tf_mamlpp.run.trainer import NonFiniteLossError, Trainer
@@ -516,10 +517,15 @@ def test_trainer_averages_applied_updates_counts_skipped_ones_and_stops_at_scale
 
 
 def test_runs_from_before_the_flag_continue_in_float32(tmp_path):
-    """A config.json written before --mixed_precision existed reads as float32."""
-    config = config_module.resolve("omniglot", way=3, filters=8)
+    """A config.json written before --mixed_precision existed reads as float32, and the
+    default, auto, continues it so."""
+    config = config_module.resolve("omniglot", way=3, filters=8, mixed_precision=False)
     run_dir = RunDirectory.open(tmp_path, "run", config)
     saved = json.loads((run_dir.path / "config.json").read_text())
     del saved["mixed_precision"]
     (run_dir.path / "config.json").write_text(json.dumps(saved))
+    assert saved_config(run_dir.path).mixed_precision is False
     assert RunDirectory.open(tmp_path, "run", config).config.mixed_precision is False
+    by_default = config_module.resolve("omniglot", way=3, filters=8)
+    assert by_default.mixed_precision == config_module.AUTO
+    assert precision.settled(by_default, saved_config(run_dir.path)) == config

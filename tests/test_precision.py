@@ -92,7 +92,7 @@ def test_a_resumed_auto_run_keeps_its_precision_unprobed(absl_log, probes):
 
 
 def test_float32_needs_no_probe(probes):
-    config = resolve("omniglot", **TINY)
+    config = resolve("omniglot", mixed_precision=False, **TINY)
     assert precision.settled(config) is config
     assert probes.calls == []
 

@@ -146,7 +146,7 @@ def one_epoch_config():
     from tf_mamlpp.run import config
     return config.resolve("omniglot", way=3, shot=1, inner_steps=1, filters=8, batch_size=2,
                           iters_per_epoch=2, epochs=1, val_tasks=4, test_tasks=4,
-                          second_order=False)
+                          second_order=False, mixed_precision=False)
 
 
 def open_run(tmp_path, config):

@@ -30,7 +30,8 @@ ITERS_PER_EPOCH = 2
 def tiny_config(**overrides):
     values = dict(way=3, shot=1, inner_steps=INNER_STEPS, filters=8, batch_size=2,
                   iters_per_epoch=ITERS_PER_EPOCH, epochs=EPOCHS, msl_epochs=2, val_tasks=8,
-                  test_tasks=8, second_order=False, bn_mode="transductive")
+                  test_tasks=8, second_order=False, bn_mode="transductive",
+                  mixed_precision=False)
     return config_module.resolve("omniglot", **{**values, **overrides})
 
 

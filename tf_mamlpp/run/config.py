@@ -255,7 +255,8 @@ class ExperimentConfig:
                          "one after another (slower on CPU; see benchmarks/README.md).")
     # Mixed precision adds the loss scale to the checkpoint and changes the arithmetic.
     mixed_precision: bool | str = setting(
-        False, architecture=True, constraint=(False, True, AUTO),
+        AUTO, architecture=True, constraint=(False, True, AUTO),
+        recorded_before=lambda saved: False,  # runs began in float32 before the setting
         help_text="Meta-train in 16 bits (float16 on a GPU, bfloat16 on a CPU) with float32 "
                   "variables and a dynamic loss scale on the inner and outer losses; "
                   "validation, test and the export stay float32. auto: time a probe "
