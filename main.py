@@ -10,7 +10,6 @@ Flags left unset take the paper's setting for the dataset (see
 tf_mamlpp/run/config.py); the resolved configuration is logged and saved with the run.
 """
 
-import dataclasses
 import functools
 import os
 import signal
@@ -66,14 +65,25 @@ def resolved_config():
     """The flags' configuration; to train, checked against itself and the data's file index."""
     from tf_mamlpp.run import config, preflight
     resolved = config.resolve(FLAGS.dataset, **config_flags.config_values())
-    if FLAGS.strategy == "multi_worker" and resolved.mixed_precision == config.AUTO:
-        if FLAGS["mixed_precision"].present:
-            raise ConfigError("mixed_precision=auto with --strategy=multi_worker: each host "
-                              "would probe on its own and could choose differently; pass "
-                              "mixed_precision=true or false", "mixed_precision")
-        # The default: hosts probing on their own could choose differently.
-        resolved = dataclasses.replace(resolved, mixed_precision=False)
+    unprobed = why_not_probed(resolved)
+    if unprobed and FLAGS["mixed_precision"].present and resolved.mixed_precision == config.AUTO:
+        raise ConfigError(f"mixed_precision=auto with {unprobed}; pass "
+                          "mixed_precision=true or false", "mixed_precision")
     return preflight.checked(resolved) if FLAGS.mode == "train" else resolved
+
+
+def why_not_probed(resolved):
+    """Why a timing probe must not choose this run's precision, or None.
+
+    Left unset, the precision is then float32; an explicit auto is refused.
+    """
+    if FLAGS.strategy == "multi_worker":
+        return ("--strategy=multi_worker: each host would probe on its own and could "
+                "choose differently")
+    if resolved.deterministic:
+        return ("--deterministic: a timing probe can choose differently from one run of "
+                "the command to the next")
+    return None
 
 
 def adapt():
@@ -112,7 +122,8 @@ def open_run(parallel_tasks, owner):
     if FLAGS.mode == "train":
         previous = None if FLAGS.fresh else run_directory.saved_config(
             os.path.join(FLAGS.logdir, name))
-        config = precision.settled(config, previous, parallel_tasks)
+        config = precision.settled(config, previous, parallel_tasks,
+                                  unprobed=why_not_probed(config))
         run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh,
                                                   owner=owner)
         return run_dir, config

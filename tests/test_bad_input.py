@@ -119,6 +119,9 @@ CASES = {
     "auto precision on several hosts": (
         folder("good", "--strategy=multi_worker", "--mixed_precision=auto"),
         ["--mixed_precision=auto with --strategy=multi_worker", "--mixed_precision=true"]),
+    "auto precision in a deterministic run": (
+        folder("good", "--deterministic", "--mixed_precision=auto"),
+        ["--mixed_precision=auto with --deterministic", "--mixed_precision=true"]),
     "zero parallel tasks": (folder("good", "--parallel_tasks=0"),
                             ["--parallel_tasks must be at least 1, got 0"]),
     "image size conflicting with omniglot": (

@@ -248,6 +248,13 @@ def test_uninterrupted_run_finishes(reference):
     assert len(read_json(run_dir / "results.json")["models"]) == 2
 
 
+def test_a_deterministic_run_trains_in_float32_without_a_timing_probe(reference):
+    """A probe's timing may choose 16 bits in one run of the command and not the next."""
+    assert read_json(reference["run_dir"] / "config.json")["mixed_precision"] is False
+    assert "a probe meta-step took" not in reference["reference"].stderr
+    assert "--mixed_precision=auto with --deterministic" in reference["reference"].stderr
+
+
 def test_sigkill_in_epoch_2_leaves_epoch_1_to_resume_from(interrupted):
     killed = interrupted["SIGKILL"]
     assert killed["process"].popen.returncode == -signal.SIGKILL

@@ -261,7 +261,8 @@ class ExperimentConfig:
                   "variables and a dynamic loss scale on the inner and outer losses; "
                   "validation, test and the export stay float32. auto: time a probe "
                   "meta-step in each precision at the run's start (cached per machine and "
-                  "shape) and train in the faster.")
+                  "shape) and train in the faster; float32 under --deterministic and "
+                  "--strategy=multi_worker, where runs or hosts could choose differently.")
 
     def __post_init__(self):
         if self.eval_inner_steps is None:

@@ -57,7 +57,7 @@ class Timings(NamedTuple):
                 f"({self.speed_up:.2f}x)")
 
 
-def settled(config, previous=None, parallel_tasks=1):
+def settled(config, previous=None, parallel_tasks=1, unprobed=None):
     """`config` with its precision decided for meta-training.
 
     Args:
@@ -67,6 +67,8 @@ def settled(config, previous=None, parallel_tasks=1):
         run keeps the precision it began with (its checkpoint holds a loss
         scale or not).
       parallel_tasks: tasks the meta-step adapts at once (part of the key).
+      unprobed: why a timing probe must not decide (several hosts, a
+        deterministic run), or None; AUTO then becomes float32.
 
     Returns:
       `config` with `mixed_precision` a bool. AUTO becomes the faster
@@ -76,6 +78,9 @@ def settled(config, previous=None, parallel_tasks=1):
         logging.info("--mixed_precision=auto: the run continues in %s, as it began.",
                      _precision_name(previous.mixed_precision))
         return dataclasses.replace(config, mixed_precision=previous.mixed_precision)
+    if config.mixed_precision == AUTO and unprobed:
+        logging.info("--mixed_precision=auto with %s; meta-training in float32.", unprobed)
+        return dataclasses.replace(config, mixed_precision=False)
     if not config.mixed_precision:
         return config
     timings = measured_timings(config, parallel_tasks)
