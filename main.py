@@ -86,11 +86,18 @@ def why_not_probed(resolved):
     return None
 
 
+# The folders each mode cannot run without.
+NEEDED_FOLDERS = {"adapt": ("export_dir", "support_dir", "query_dir"), "export": ("export_dir",)}
+
+
+def check_needed_folders():
+    for name in NEEDED_FOLDERS.get(FLAGS.mode, ()):
+        if not FLAGS[name].value:
+            raise ValueError(f"--mode={FLAGS.mode} needs --{name}")
+
+
 def adapt():
     from tf_mamlpp.serving.folder_task import classify_folders
-    for name in ("export_dir", "support_dir", "query_dir"):
-        if not FLAGS[name].value:
-            raise ValueError(f"--mode=adapt needs --{name}")
     for path, class_name, probability in classify_folders(
             FLAGS.export_dir, FLAGS.support_dir, FLAGS.query_dir):
         print(f"{path.name}\t{class_name}\t{probability:.3f}")
@@ -150,8 +157,10 @@ def train(trainer):
 
 
 def run(owner):
+    # Bad flags or data fail here, in a second, before TensorFlow loads.
+    check_needed_folders()
     if FLAGS.mode == "train":
-        resolved_config()  # bad flags or data fail here, in a second, before TensorFlow loads
+        resolved_config()
     if owner is not None and not (FLAGS.mode == "train" and FLAGS.fresh):
         owner.check(os.path.join(FLAGS.logdir, run_name()))  # a run in use, likewise
     from tf_mamlpp.run.quiet_start import start_tensorflow
@@ -164,8 +173,6 @@ def run(owner):
 
     if FLAGS.mode == "adapt":
         return adapt()
-    if FLAGS.mode == "export" and not FLAGS.export_dir:
-        raise ValueError("--mode=export needs --export_dir")
     parallel_tasks = (cpu_threads.default_parallel_tasks() if FLAGS.parallel_tasks is None
                       else FLAGS.parallel_tasks)
     cpu_threads.configure(parallel_tasks)  # before TensorFlow runs its first op

@@ -165,6 +165,29 @@ def tiny_run(tmp_path_factory):
     return FinishedRun(logdir / "run", process)
 
 
+def tensorboard_events(run_dir):
+    """A run's summaries read with TensorBoard's reader: {"tensors": tag -> {step: ndarray},
+    "plugins": tag -> plugin name} (TF2 summaries are stored as tensors)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+    accumulator = event_accumulator.EventAccumulator(
+        str(run_dir), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    tensors, plugins = {}, {}
+    for tag in accumulator.Tags()["tensors"]:
+        tensors[tag] = {event.step: tensor_util.make_ndarray(event.tensor_proto)
+                        for event in accumulator.Tensors(tag)}
+        plugins[tag] = accumulator.SummaryMetadata(tag).plugin_data.plugin_name
+    return {"tensors": tensors, "plugins": plugins}
+
+
+def scalars(events, tag):
+    """{step: float} of a scalar tag of `tensorboard_events`; fails naming a tag not written."""
+    assert tag in events["tensors"], f"{tag} not written; tags: {sorted(events['tensors'])}"
+    assert events["plugins"][tag] == "scalars"
+    return {step: float(value) for step, value in sorted(events["tensors"][tag].items())}
+
+
 def copy_run(run_dir, folder):
     """A copy of the run directory `run_dir` in `folder`, of the same name: its path."""
     return pathlib.Path(shutil.copytree(run_dir, folder / run_dir.name))

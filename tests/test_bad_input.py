@@ -131,6 +131,9 @@ CASES = {
         ["--dataset=mini_imagenet", "--data_dir={split}", "--image_size=16",
          "--split_ratios=0.5,0.25,0.25"],
         ["--split_ratios=0.5,0.25,0.25 conflicts with --dataset=mini_imagenet"]),
+    "export without a folder": (["--mode=export"], ["--mode=export needs --export_dir"]),
+    "adapt without a support set": (["--mode=adapt", "--export_dir={good}", "--query_dir={good}"],
+                                    ["--mode=adapt needs --support_dir"]),
     "log directory that cannot be written": (
         folder("good", "--logdir={file}/runs"), ["{file}/runs/earlier: cannot write the run "
                                                  "directory (Not a directory); check --logdir"]),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import run_main
+from conftest import run_main, scalars, tensorboard_events
 from tf_mamlpp.core.batch_norm_modes import BN_MODES, TRANSDUCTIVE
 
 pytestmark = pytest.mark.slow
@@ -111,6 +111,21 @@ def test_run_directory_records_the_run(short_run):
     assert sorted(model["epoch"] for model in results["models"]) == sorted(
         record["epoch"] for record in sorted(history, key=lambda r: -r["val_accuracy"])[:2])
     assert "test accuracy" in completed.stdout
+
+
+def test_a_transductive_run_shows_validation_and_test_in_both_modes_in_tensorboard(short_run):
+    """As trained (transductive) and as its export serves it (support), under their own tags."""
+    run_dir, _ = short_run
+    events = tensorboard_events(run_dir)
+    history = json.loads((run_dir / "history.json").read_text())
+    results = read_results(run_dir)
+    for mode, tested in (("transductive", results), ("support", results["serving"])):
+        accuracy = scalars(events, f"val_{mode}/accuracy")
+        assert list(accuracy.values()) == pytest.approx(
+            [record[f"val_accuracy_{mode}"] for record in history], rel=1e-6)
+        assert tested["bn_mode"] == mode
+        (test_accuracy,) = scalars(events, f"test_{mode}/ensemble_accuracy").values()
+        assert test_accuracy == pytest.approx(tested["test_accuracy"], rel=1e-6)
 
 
 def test_changed_network_is_refused_and_nothing_overwritten(short_run):

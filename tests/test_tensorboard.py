@@ -12,11 +12,8 @@ import re
 
 import numpy as np
 import pytest
-from tensorboard.backend.event_processing import event_accumulator
-from tensorboard.util import tensor_util
-
-from conftest import TINY_RUN
-from tf_mamlpp.core.batch_norm_modes import DEFAULT_MODE, SERVING_MODES
+from conftest import TINY_RUN, scalars, tensorboard_events
+from tf_mamlpp.core.batch_norm_modes import DEFAULT_MODE, evaluation_modes
 
 pytestmark = pytest.mark.slow
 
@@ -27,29 +24,14 @@ META_LR, MIN_META_LR, INNER_LR = (TINY_RUN[name] for name in ("meta_lr", "min_me
 EPOCH_STARTS = [epoch * ITERS for epoch in range(EPOCHS)]  # steps of once-an-epoch figures
 ITERATIONS = list(range(1, EPOCHS * ITERS + 1))  # steps of per-iteration figures
 EPOCH_ENDS = [(epoch + 1) * ITERS for epoch in range(EPOCHS)]  # steps of validation figures
-# The tiny run's batch-norm modes (the default): as trained, and as exported where it differs.
-MODES = list(dict.fromkeys([DEFAULT_MODE, SERVING_MODES[DEFAULT_MODE]]))
+# The tiny run's batch-norm modes (the default): as trained, and as exported where it
+# differs. A transductive run's two are test_main.py's.
+MODES = evaluation_modes(DEFAULT_MODE)
 
 
 @pytest.fixture(scope="module")
 def events(tiny_run):
-    """The run's summaries: {"tensors": tag -> {step: ndarray}, "plugins": tag -> plugin}."""
-    accumulator = event_accumulator.EventAccumulator(
-        str(tiny_run.path), size_guidance={event_accumulator.TENSORS: 0})
-    accumulator.Reload()
-    tensors, plugins = {}, {}
-    for tag in accumulator.Tags()["tensors"]:
-        tensors[tag] = {event.step: tensor_util.make_ndarray(event.tensor_proto)
-                        for event in accumulator.Tensors(tag)}
-        plugins[tag] = accumulator.SummaryMetadata(tag).plugin_data.plugin_name
-    return {"tensors": tensors, "plugins": plugins}
-
-
-def scalars(events, tag):
-    """{step: float} of a scalar tag; fails naming the tag if it was not written."""
-    assert tag in events["tensors"], f"{tag} not written; tags: {sorted(events['tensors'])}"
-    assert events["plugins"][tag] == "scalars"
-    return {step: float(value) for step, value in sorted(events["tensors"][tag].items())}
+    return tensorboard_events(tiny_run.path)
 
 
 def test_training_loss_and_accuracy_every_iteration(events):

@@ -18,6 +18,15 @@ SERVING_MODES = {TRANSDUCTIVE: SUPPORT, SUPPORT: SUPPORT, TASK_NORM: TASK_NORM, 
 DEFAULT_MODE = SUPPORT
 
 
+def evaluation_modes(bn_mode):
+    """The modes a model trained in `bn_mode` is scored in: its own, then its export's.
+
+    A transductive model is exported to normalise its queries with the
+    support statistics, so it is scored both ways; the first figure ranks.
+    """
+    return list(dict.fromkeys([bn_mode, SERVING_MODES[bn_mode]]))
+
+
 def check_mode(mode):
     if mode not in BN_MODES:
         raise ValueError(f"unknown batch-norm mode {mode!r}; expected one of {', '.join(BN_MODES)}")

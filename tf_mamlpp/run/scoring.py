@@ -15,7 +15,7 @@ SavedModel gives task for task.
 from absl import logging
 
 from tf_mamlpp.core import evaluation
-from tf_mamlpp.core.batch_norm_modes import SERVING_MODES
+from tf_mamlpp.core.batch_norm_modes import SERVING_MODES, evaluation_modes
 from tf_mamlpp.run import task_streams
 from tf_mamlpp.run.progress import Progress
 
@@ -40,12 +40,8 @@ class Scoring:
 
     @property
     def evaluation_modes(self):
-        """The batch-norm modes a model is scored in: the trained one, and the exported one.
-
-        A transductive model is exported to normalise its queries with the
-        support statistics; both figures are recorded, the first ranks.
-        """
-        return list(dict.fromkeys([self.config.bn_mode, SERVING_MODES[self.config.bn_mode]]))
+        """This run's `batch_norm_modes.evaluation_modes`; the first ranks."""
+        return evaluation_modes(self.config.bn_mode)
 
     def evaluate_split(self, split, num_tasks, bn_mode):
         """Accuracy of the current model on the fixed task set of `split`."""
