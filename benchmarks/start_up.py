@@ -47,8 +47,8 @@ def measure(started):
     from tf_mamlpp.run.quiet_start import start_tensorflow
     tf, _ = start_tensorflow()
     phase("TensorFlow start")
-    from tf_mamlpp.run import task_streams
-    from tf_mamlpp.run import config, cpu_threads, precision, run_directory
+    from tf_mamlpp.hardware import cpu_threads
+    from tf_mamlpp.run import config, precision, run_directory, task_streams
     from tf_mamlpp.run.trainer import Trainer
     phase("tf_mamlpp modules")
     parallel_tasks = cpu_threads.default_parallel_tasks()

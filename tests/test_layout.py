@@ -1,7 +1,8 @@
-"""Specification of the package's layout: rooms that import only downwards, and a README
-Layout table that lists every module."""
+"""Specification of the package's layout: rooms that import only downwards, imports that
+resolve, and a README Layout table that lists every module."""
 
 import ast
+import importlib
 import pathlib
 
 import pytest
@@ -56,3 +57,29 @@ def test_the_readme_layout_table_lists_every_module():
         relative = path.relative_to(PACKAGE)
         shown = f"tf_mamlpp/{relative}" if len(relative.parts) == 1 else str(relative)
         assert f"| `{shown}` |" in table, shown
+
+
+def importers():
+    """Every Python file of the repository that may import the package: the package, main.py,
+    the benchmarks, tools, experiments and tests."""
+    return sorted(path for path in REPOSITORY.rglob("*.py")
+                  if path.relative_to(REPOSITORY).parts[0] in
+                  {"tf_mamlpp", "main.py", "benchmarks", "tools", "experiments", "tests"})
+
+
+def resolves(name):
+    """Whether a dotted tf_mamlpp name is a module, or a name a module defines."""
+    try:
+        importlib.import_module(name)
+        return True
+    except ModuleNotFoundError:
+        module, _, attribute = name.rpartition(".")
+        return hasattr(importlib.import_module(module), attribute)
+
+
+@pytest.mark.parametrize("path", importers(), ids=lambda path: str(path.relative_to(REPOSITORY)))
+def test_every_import_of_the_package_resolves(path):
+    """Imports inside functions too, which only the code path that runs them would load:
+    a module moved to another room breaks no script quietly."""
+    unresolved = sorted(name for name in project_imports(path) if not resolves(name))
+    assert unresolved == [], f"{path.name} imports names that do not exist: {unresolved}"
