@@ -65,25 +65,11 @@ def resolved_config():
     """The flags' configuration; to train, checked against itself and the data's file index."""
     from tf_mamlpp.run import config, preflight
     resolved = config.resolve(FLAGS.dataset, **config_flags.config_values())
-    unprobed = why_not_probed(resolved)
+    unprobed = config.why_not_probed(resolved, FLAGS.strategy == "multi_worker")
     if unprobed and FLAGS["mixed_precision"].present and resolved.mixed_precision == config.AUTO:
         raise ConfigError(f"mixed_precision=auto with {unprobed}; pass "
                           "mixed_precision=true or false", "mixed_precision")
     return preflight.checked(resolved) if FLAGS.mode == "train" else resolved
-
-
-def why_not_probed(resolved):
-    """Why a timing probe must not choose this run's precision, or None.
-
-    Left unset, the precision is then float32; an explicit auto is refused.
-    """
-    if FLAGS.strategy == "multi_worker":
-        return ("--strategy=multi_worker: each host would probe on its own and could "
-                "choose differently")
-    if resolved.deterministic:
-        return ("--deterministic: a timing probe can choose differently from one run of "
-                "the command to the next")
-    return None
 
 
 # The folders each mode cannot run without.
@@ -91,6 +77,7 @@ NEEDED_FOLDERS = {"adapt": ("export_dir", "support_dir", "query_dir"), "export":
 
 
 def check_needed_folders():
+    """Refuses, before TensorFlow loads, a --mode without the folders it needs."""
     for name in NEEDED_FOLDERS.get(FLAGS.mode, ()):
         if not FLAGS[name].value:
             raise ValueError(f"--mode={FLAGS.mode} needs --{name}")
@@ -130,7 +117,7 @@ def open_run(parallel_tasks, owner):
         previous = None if FLAGS.fresh else run_directory.saved_config(
             os.path.join(FLAGS.logdir, name))
         config = precision.settled(config, previous, parallel_tasks,
-                                  unprobed=why_not_probed(config))
+                                  multi_worker=FLAGS.strategy == "multi_worker")
         run_dir = run_directory.RunDirectory.open(FLAGS.logdir, name, config, fresh=FLAGS.fresh,
                                                   owner=owner)
         return run_dir, config

@@ -134,8 +134,8 @@ def main(argv):
         by_pass[pass_of(op_name, op_type)] += seconds
         by_type[op_type] += seconds
     order = "second" if FLAGS.second_order else "first"
-    print(f"{FLAGS.way}-way {FLAGS.shot}-shot, {order} order, {FLAGS.bn_mode} batch norm: op time summed over all threads, "
-          f"mean of {FLAGS.iterations} iterations")
+    print(f"{FLAGS.way}-way {FLAGS.shot}-shot, {order} order, {FLAGS.bn_mode} batch norm: "
+          f"op time summed over all threads, mean of {FLAGS.iterations} iterations")
     print_shares("kind", by_kind)
     print_shares("pass", by_pass)
     print_shares("op type", dict(by_type.most_common(FLAGS.top)))

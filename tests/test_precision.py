@@ -67,12 +67,15 @@ def test_auto_trains_in_the_faster_precision_and_logs_both_timings(
     assert ("meta-training in 16 bits" if mixed else "meta-training in float32") in message
 
 
-def test_auto_where_a_probe_must_not_decide_trains_in_float32_unprobed(absl_log, probes):
-    config = resolve("omniglot", mixed_precision=AUTO, **TINY)
-    assert precision.settled(config, unprobed="--deterministic: why").mixed_precision is False
+@pytest.mark.parametrize("deterministic, multi_worker, reason", [
+    (True, False, "--deterministic"), (False, True, "--strategy=multi_worker")])
+def test_auto_where_a_probe_could_choose_differently_trains_in_float32_unprobed(
+        absl_log, probes, deterministic, multi_worker, reason):
+    config = resolve("omniglot", mixed_precision=AUTO, deterministic=deterministic, **TINY)
+    assert precision.settled(config, multi_worker=multi_worker).mixed_precision is False
     assert probes.calls == []
-    assert any("auto with --deterministic: why; meta-training in float32" in record.getMessage()
-               for record in absl_log.records)
+    assert any(f"auto with {reason}: " in record.getMessage() and "in float32" in
+               record.getMessage() for record in absl_log.records)
 
 
 def test_a_forced_16_bit_run_warns_with_the_ratio_where_it_is_slower(absl_log, probes):

@@ -56,8 +56,8 @@ class MamlppNetwork(FastWeightsModel):
     """
 
     def __init__(self, way, image_shape, inner_steps, filters=64, num_stages=4,
-                 bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1, bn_mode=DEFAULT_MODE,
-                 task_norm_alpha=SIZE_ALPHA, task_norm_unbiased=False,
+                 bnrs=True, bnwb=True, lslr=True, inner_lr=0.1, bn_momentum=0.1,
+                 bn_mode=DEFAULT_MODE, task_norm_alpha=SIZE_ALPHA, task_norm_unbiased=False,
                  task_norm_start=REPTILE_START, **kwargs):
         super().__init__(**kwargs)
         self.bn_mode = check_mode(bn_mode)

@@ -235,7 +235,7 @@ class PerStepBatchNorm(keras.layers.Layer):
         return tf.sigmoid(logit)
 
     def _corrected(self, variance, inputs, axes):
-        """A biased `variance` over `axes` of `inputs`, Bessel-corrected under task_norm_unbiased."""
+        """Biased `variance` over `axes` of `inputs`; Bessel-corrected under task_norm_unbiased."""
         if not self.task_norm_unbiased:
             return variance
         count = positions(inputs, axes)

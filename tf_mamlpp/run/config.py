@@ -307,6 +307,21 @@ class ExperimentConfig:
                 and getattr(self, field.name) != getattr(other, field.name)]
 
 
+def why_not_probed(config, multi_worker=False):
+    """Why a timing probe must not choose `config`'s precision under AUTO, or None.
+
+    There AUTO means float32 (precision.settled), and main.py refuses an
+    explicit --mixed_precision=auto. `multi_worker`: the run spans several hosts.
+    """
+    if multi_worker:
+        return ("--strategy=multi_worker: each host would probe on its own and could "
+                "choose differently")
+    if config.deterministic:
+        return ("--deterministic: a timing probe can choose differently from one run of "
+                "the command to the next")
+    return None
+
+
 def value_type(field):
     """bool, int, float or str: the type of the field's values (bool for a bool that takes AUTO)."""
     if isinstance(field.type, types.UnionType):

@@ -31,7 +31,7 @@ from tf_mamlpp.core.schedules import Phase
 from tf_mamlpp.data.random_tasks import random_tasks
 from tf_mamlpp.hardware.machine import cpu_description
 from tf_mamlpp.run.builders import build_network, build_schedule
-from tf_mamlpp.run.config import AUTO
+from tf_mamlpp.run.config import AUTO, why_not_probed
 
 # Timed probes of each precision, the fastest counting; fewer where one precision
 # is CLEAR_RATIO times the other's speed already.
@@ -57,7 +57,7 @@ class Timings(NamedTuple):
                 f"({self.speed_up:.2f}x)")
 
 
-def settled(config, previous=None, parallel_tasks=1, unprobed=None):
+def settled(config, previous=None, parallel_tasks=1, multi_worker=False):
     """`config` with its precision decided for meta-training.
 
     Args:
@@ -67,8 +67,8 @@ def settled(config, previous=None, parallel_tasks=1, unprobed=None):
         run keeps the precision it began with (its checkpoint holds a loss
         scale or not).
       parallel_tasks: tasks the meta-step adapts at once (part of the key).
-      unprobed: why a timing probe must not decide (several hosts, a
-        deterministic run), or None; AUTO then becomes float32.
+      multi_worker: the run spans several hosts; there, as in a
+        deterministic run, AUTO becomes float32 unprobed (`why_not_probed`).
 
     Returns:
       `config` with `mixed_precision` a bool. AUTO becomes the faster
@@ -78,6 +78,7 @@ def settled(config, previous=None, parallel_tasks=1, unprobed=None):
         logging.info("--mixed_precision=auto: the run continues in %s, as it began.",
                      _precision_name(previous.mixed_precision))
         return dataclasses.replace(config, mixed_precision=previous.mixed_precision)
+    unprobed = why_not_probed(config, multi_worker)
     if config.mixed_precision == AUTO and unprobed:
         logging.info("--mixed_precision=auto with %s; meta-training in float32.", unprobed)
         return dataclasses.replace(config, mixed_precision=False)
